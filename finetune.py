@@ -1,0 +1,176 @@
+"""Fine-tune a Qwen2-VL-family model on images and text: the whole training loop, in one file.
+
+Read it top to bottom: config -> seed -> model -> freezing -> optimizer -> data -> loop -> save.
+finetune_distributed.py runs this same train() in every process of a torchrun job.
+
+    python finetune.py --model Qwen/Qwen2-VL-2B-Instruct --data train_data/data.json --output-dir output
+"""
+
+import dataclasses
+import itertools
+import json
+import math
+import random
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from qwen_ft.collate import IGNORE_INDEX, Collator
+from qwen_ft.config import Config, parse_config
+from qwen_ft.data import DataError, check_media, read_samples
+from qwen_ft.dist import Dist, single_device
+from qwen_ft.model import ModelUnavailable, load_model, load_processor, set_trainable, trainable_table
+from qwen_ft.optim import make_optimizer, make_scheduler
+
+
+def forward_backward(model, window: list[dict], dist: Dist, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward over one accumulation window of micro-batches.
+
+    Each micro-batch's summed loss is divided by the trained tokens of the whole window (all
+    ranks), so every trained token weighs the same wherever it lands: 2 micro-batches of 1
+    give the gradients of 1 batch of 2. Returns that sum and count, still on the device.
+    """
+    # Position t predicts token t+1, so the labels that count are those from position 1 on.
+    trained_tokens = sum((batch["labels"][:, 1:] != IGNORE_INDEX).sum() for batch in window)
+    trained_tokens = dist.all_reduce_sum(trained_tokens.to(dist.device))
+    loss_sum = torch.zeros((), device=dist.device)
+    for i, batch in enumerate(window):
+        batch = {key: value.to(dist.device, non_blocking=True) for key, value in batch.items()}
+        labels = batch.pop("labels")
+        with dist.no_sync(model, sync=i == len(window) - 1):
+            with autocast():
+                logits = model(**batch).logits
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(),
+                labels[:, 1:].flatten(),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            )
+            if loss.requires_grad:  # false for a text-only micro-batch when only vision parts train
+                (loss / trained_tokens).backward()
+        loss_sum += loss.detach()
+    return loss_sum, trained_tokens
+
+
+def cycle(loader: DataLoader, sampler: DistributedSampler):
+    """Micro-batches without end, in a new order each epoch (fixed by the seed and the epoch)."""
+    for epoch in itertools.count():
+        sampler.set_epoch(epoch)
+        yield from loader
+
+
+def train(cfg: Config, dist: Dist):
+    out = Path(cfg.output_dir)
+    dist.print(json.dumps(dataclasses.asdict(cfg), indent=1))
+
+    # Seed: the same seed gives the same data order and dropout.
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores; no effect on the CPU
+
+    # Data: every sample is read and checked (structure, media, length) before the model loads,
+    # so bad input stops the run in seconds rather than after minutes of loading weights.
+    processor = load_processor(cfg.model, cfg.min_pixels, cfg.max_pixels)
+    collator = Collator(processor, cfg.max_length)
+    samples = read_samples(cfg.data, cfg.media_root, collator.tokens.all_strings)
+    check_media(samples)
+    samples = collator.drop_overlong(samples)
+    if not samples:
+        raise DataError(f"{cfg.data}: no sample fits in --max-length {cfg.max_length}")
+
+    # Model
+    model = load_model(cfg.model, cfg.precision, cfg.attn_implementation, dist.device)
+    model.config.use_cache = False  # the KV cache only serves generation
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    # Freezing
+    set_trainable(model, cfg.freeze_vision, cfg.freeze_merger, cfg.freeze_llm)
+    dist.print(trainable_table(model))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    # Optimizer
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, dist.device)
+
+    # Data loader: the sampler shuffles by seed and epoch; one process is a world of one.
+    sampler = DistributedSampler(
+        samples, num_replicas=dist.world_size, rank=dist.rank, shuffle=cfg.shuffle, seed=cfg.seed
+    )
+    loader = DataLoader(
+        samples,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        collate_fn=collator,
+        num_workers=cfg.num_workers,
+        pin_memory=dist.device.type == "cuda",
+        persistent_workers=cfg.num_workers > 0,
+    )
+    total_steps = cfg.max_steps or math.ceil(cfg.epochs * len(loader) / cfg.grad_accum)
+    scheduler = make_scheduler(optimizer, cfg.warmup_steps, total_steps)
+    batches = cycle(loader, sampler)
+
+    # Loop: `step` counts optimizer steps; each takes grad_accum micro-batches.
+    out.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        cfg.save(out / "train_config.json")
+    metrics = open(out / "metrics.jsonl", "w") if dist.is_main else None
+    autocast = partial(torch.autocast, dist.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16-mixed")
+    progress = tqdm(total=total_steps, disable=not dist.is_main, desc="train", dynamic_ncols=True)
+    model.train()
+    for step in range(1, total_steps + 1):
+        start = time.perf_counter()
+        window = [next(batches) for _ in range(cfg.grad_accum)]
+        lr = scheduler.get_last_lr()[0]
+        loss_sum, trained_tokens = forward_backward(model, window, dist, autocast)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or math.inf)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        # Logging: the .item() calls below are the step's only waits on the device.
+        loss = (dist.all_reduce_sum(loss_sum) / trained_tokens).item()
+        tokens = sum(int(batch["attention_mask"].sum()) for batch in window) * dist.world_size
+        record = {
+            "step": step,
+            "epoch": round(step * cfg.grad_accum / len(loader), 4),
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm.item(),
+            "trained_tokens": int(trained_tokens.item()),
+            "tokens": tokens,
+            "tokens_per_s": round(tokens / (time.perf_counter() - start), 1),
+        }
+        if dist.is_main:
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+            progress.update()
+    progress.close()
+
+    # Save: a standard transformers checkpoint that from_pretrained loads as it is.
+    if dist.is_main:
+        metrics.close()
+        model.save_pretrained(out)
+        processor.save_pretrained(out)
+        dist.print(f"saved the fine-tuned model to {out}")
+    return model
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(argv, description=__doc__.splitlines()[0])
+    try:
+        train(cfg, single_device())
+    except (DataError, ModelUnavailable) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""From samples to model inputs: the model's chat template and processor, plus labels on assistant turns.
+
+The collator runs in DataLoader workers, so it loads media and tokenizes but never touches a device.
+"""
+
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from qwen_ft.data import Sample
+from qwen_ft.media import load_image
+
+IGNORE_INDEX = -100  # label of positions that don't count in the loss (cross_entropy's ignore_index)
+# Per-token tensors of a processor batch; the rest (pixel_values, *_grid_thw) are per image or video.
+TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """Ids of the chat-format tokens, looked up in the model's own tokenizer."""
+
+    im_start: int
+    im_end: int
+    vision_start: int
+    vision_end: int
+    image_pad: int
+    video_pad: int
+    assistant_header: tuple[int, ...]  # "<|im_start|>assistant"; the template puts one newline token after it
+    all_strings: tuple[str, ...]  # every special token's text, which must not appear in training text
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer) -> "SpecialTokens":
+        names = ("im_start", "im_end", "vision_start", "vision_end", "image_pad", "video_pad")
+        ids = {}
+        for name in names:
+            token = f"<|{name}|>"
+            token_id = tokenizer.convert_tokens_to_ids(token)
+            if token_id is None or token_id == tokenizer.unk_token_id or tokenizer.decode([token_id]) != token:
+                raise ValueError(f"the tokenizer has no {token} token: this is not a Qwen2-VL-family chat model")
+            ids[name] = token_id
+        header = tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)
+        if header[0] != ids["im_start"] or tokenizer.decode(header[-1:]) != "\n":
+            raise ValueError(f"unexpected tokenization of the assistant header: {header}")
+        return cls(**ids, assistant_header=tuple(header[:-1]), all_strings=tuple(tokenizer.all_special_tokens))
+
+
+def assistant_labels(ids: list[int], tokens: SpecialTokens) -> list[int]:
+    """Labels for one sequence: the content of every assistant turn and its closing <|im_end|>; -100 elsewhere.
+
+    A turn is found by its header, <|im_start|> followed by the tokens of "assistant". <|im_start|>
+    is a special token that user text cannot produce, so "assistant" inside a message cannot
+    start a trained span.
+    """
+    labels = [IGNORE_INDEX] * len(ids)
+    header = list(tokens.assistant_header)
+    i = 0
+    while i < len(ids):
+        if ids[i : i + len(header)] != header:
+            i += 1
+            continue
+        start = i + len(header) + 1  # skip the newline that ends the header
+        end = start
+        while end < len(ids) and ids[end] != tokens.im_end:
+            end += 1
+        end = min(end + 1, len(ids))  # include <|im_end|>: the model must learn to stop
+        labels[start:end] = ids[start:end]
+        i = end
+    return labels
+
+
+class Collator:
+    """Turns a list of samples into one right-padded batch with labels."""
+
+    def __init__(self, processor, max_length: int):
+        self.processor = processor
+        self.max_length = max_length
+        self.tokens = SpecialTokens.from_tokenizer(processor.tokenizer)
+
+    def text(self, sample: Sample) -> str:
+        return self.processor.apply_chat_template(sample.messages, tokenize=False)
+
+    def __call__(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
+        images = [load_image(ref) for sample in samples for ref in sample.media("image")]
+        batch = self.processor(
+            text=[self.text(sample) for sample in samples],
+            images=images or None,
+            padding=True,
+            padding_side="right",
+            return_tensors="pt",
+        )
+        batch = dict(batch)
+        # drop_overlong() kept only samples whose images end within max_length, so this cuts text alone.
+        for key in TOKEN_KEYS:
+            if key in batch:
+                batch[key] = batch[key][:, : self.max_length]
+        rows = [ids[: int(n)] for ids, n in zip(batch["input_ids"].tolist(), batch["attention_mask"].sum(1))]
+        labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)
+        for row, ids in enumerate(rows):
+            labels[row, : len(ids)] = torch.tensor(assistant_labels(ids, self.tokens))
+        batch["labels"] = labels
+        return batch
+
+    def image_tokens(self, height: int, width: int) -> int:
+        """Placeholder tokens the processor gives an image of this size (after Qwen's smart resize)."""
+        image_processor = self.processor.image_processor
+        return image_processor.get_number_of_image_patches(height, width) // image_processor.merge_size**2
+
+    def token_ids(self, sample: Sample) -> list[int]:
+        """The input_ids the processor will produce for this sample, computed from its image sizes alone."""
+        ids = self.processor.tokenizer(self.text(sample), add_special_tokens=False)["input_ids"]
+        counts = iter([self.image_tokens(h, w) for h, w in sample.image_sizes])
+        expanded = []
+        for token in ids:
+            expanded.extend([token] * next(counts) if token == self.tokens.image_pad else [token])
+        return expanded
+
+    def drop_overlong(self, samples: list[Sample]) -> list[Sample]:
+        """Samples that fit in max_length, cutting only text after the last image; warns about the rest."""
+        kept, skipped, cut = [], [], 0
+        for sample in samples:
+            ids = self.token_ids(sample)
+            if len(ids) > self.max_length:
+                vision_end = max((i + 1 for i, t in enumerate(ids) if t == self.tokens.vision_end), default=0)
+                trained = any(label != IGNORE_INDEX for label in assistant_labels(ids[: self.max_length], self.tokens))
+                if vision_end > self.max_length or not trained:
+                    skipped.append(sample)
+                    continue
+                cut += 1
+            kept.append(sample)
+        if skipped:
+            print(
+                f"warning: skipped {len(skipped)} of {len(samples)} samples longer than --max-length "
+                f"{self.max_length} whose images or answers would be cut (first: {skipped[0].where}); "
+                "raise --max-length or lower --max-pixels to keep them",
+                file=sys.stderr,
+            )
+        if cut:
+            print(
+                f"warning: cut the text after the last image of {cut} samples to --max-length {self.max_length}",
+                file=sys.stderr,
+            )
+        return kept

@@ -1,0 +1,99 @@
+"""The one training config: a dataclass whose fields become hyphenated command-line flags."""
+
+import argparse
+import dataclasses
+import json
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PRECISIONS = ("bf16-mixed", "bf16", "fp32")
+
+
+def option(default, help: str, **argparse_kwargs):
+    """A config field: its default, its --help text and any extra argparse keywords (choices)."""
+    return field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
+@dataclass
+class Config:
+    # Model and data
+    model: str = option("Qwen/Qwen2-VL-2B-Instruct", "hub name or local directory of a Qwen2-VL-family model")
+    data: str = option("train_data/data.json", 'training data: a JSON list or JSONL file of {"messages": [...]}')
+    media_root: str = option(
+        ".", "folder that relative media paths are looked up in when not found beside the data file"
+    )
+    output_dir: str = option("output", "where the fine-tuned model, config.json and metrics.jsonl are written")
+    min_pixels: int = option(56 * 56, "an image smaller than this many pixels is scaled up (Qwen's smart resize)")
+    max_pixels: int = option(
+        1280 * 28 * 28, "an image larger than this many pixels is scaled down (Qwen's smart resize)"
+    )
+    max_length: int = option(
+        4096, "longest sample in tokens; text after the last image is cut, a longer image sample skipped"
+    )
+    attn_implementation: str = option("sdpa", "attention kernel: sdpa, eager or flash_attention_2")
+
+    # Schedule
+    epochs: int = option(1, "passes over the data (ignored when --max-steps is set)")
+    max_steps: int | None = option(None, "stop after this many optimizer steps, cycling through the data as needed")
+    batch_size: int = option(2, "samples per micro-batch")
+    grad_accum: int = option(4, "micro-batches per optimizer step")
+    lr: float = option(1e-5, "peak learning rate, reached after warm-up, then cosine decay to 0")
+    warmup_steps: int = option(10, "optimizer steps of linear learning-rate warm-up")
+    weight_decay: float = option(0.0, "AdamW weight decay (never applied to biases and norms)")
+    max_grad_norm: float = option(1.0, "clip the gradient norm to this (0 turns clipping off)")
+
+    # What trains and how
+    precision: str = option(
+        "bf16-mixed", "bf16-mixed: fp32 weights under bf16 autocast; bf16: weights in bf16; fp32", choices=PRECISIONS
+    )
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
+    freeze_vision: bool = option(True, "keep the vision tower's weights fixed")
+    freeze_merger: bool = option(False, "keep the vision-to-language merger's weights fixed")
+    freeze_llm: bool = option(False, "keep the language model's weights fixed")
+
+    # Run
+    seed: int = option(42, "seed for weights init of new modules, data order and dropout")
+    shuffle: bool = option(True, "shuffle the data each epoch")
+    num_workers: int = option(2, "DataLoader worker processes that load images and tokenize")
+
+    def __post_init__(self):
+        positive = ["epochs", "batch_size", "grad_accum", "max_length", "min_pixels", "max_pixels"]
+        for name in positive + (["max_steps"] if self.max_steps is not None else []):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(f"--min-pixels {self.min_pixels} is larger than --max-pixels {self.max_pixels}")
+        if self.lr <= 0 or self.warmup_steps < 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise ValueError("--lr must be positive; --warmup-steps, --weight-decay and --max-grad-norm not negative")
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+
+
+def _value_type(annotation):
+    """The argparse type of a field: `int | None` parses as int."""
+    if isinstance(annotation, types.UnionType):
+        return next(t for t in annotation.__args__ if t is not type(None))
+    return annotation
+
+
+def build_parser(description: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        kwargs = {k: v for k, v in f.metadata.items()}
+        if f.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, **kwargs)
+        else:
+            parser.add_argument(flag, type=_value_type(f.type), default=f.default, **kwargs)
+    return parser
+
+
+def parse_config(argv: list[str] | None = None, description: str | None = None) -> Config:
+    parser = build_parser(description)
+    args = parser.parse_args(argv)
+    try:
+        return Config(**vars(args))
+    except ValueError as e:
+        parser.error(str(e))

@@ -1,0 +1,174 @@
+"""Reading and checking a messages-format dataset before any training step.
+
+A data file is a JSON list, or a JSONL file, of samples like
+    {"messages": [{"role": "system" | "user" | "assistant",
+                   "content": "text" | [{"type": "image", "image": PATH_OR_URL},
+                                        {"type": "text", "text": "..."}, ...]}, ...]}
+Every sample is checked up front: a problem becomes a DataError whose message names the
+file, the sample index (and line, for JSONL) and what is wrong.
+"""
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qwen_ft.media import MediaError, load_image, resolve
+
+ROLES = ("system", "user", "assistant")
+MEDIA_TYPES = ("image",)
+# Keys a media part may use for its reference: Qwen's own ("image") and transformers' ("url", "path").
+MEDIA_KEYS = ("url", "path")
+MAX_ERRORS_SHOWN = 10
+
+
+class DataError(Exception):
+    """Bad input data; str() is a one-line message for the user."""
+
+
+@dataclass
+class Sample:
+    """One conversation with its content normalised to lists of parts and media references resolved."""
+
+    source: str
+    index: int
+    line: int | None
+    messages: list[dict]
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (height, width), filled by check_media
+
+    @property
+    def where(self) -> str:
+        return f"{self.source}: sample {self.index}" + (f" (line {self.line})" if self.line else "")
+
+    def media(self, kind: str = "image") -> list[str]:
+        return [part[kind] for message in self.messages for part in message["content"] if part["type"] == kind]
+
+
+def read_records(path: Path) -> list[tuple[int | None, object]]:
+    """(line number or None, parsed record) for each sample of a JSON list or JSONL file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: data file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read data file: {e}") from None
+    if path.suffix == ".jsonl":
+        records = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append((number, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise DataError(
+                    f"{path}: sample {len(records)} (line {number}): malformed JSON: {e.msg} at column {e.colno}"
+                ) from None
+        return records
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: malformed JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of samples (or a .jsonl file), got a {type(data).__name__}")
+    return [(None, record) for record in data]
+
+
+def normalise_part(part, media_dirs: tuple[Path, Path], special_tokens: tuple[str, ...]) -> dict:
+    """A content part as {"type": "text", "text": ...} or {"type": "image", "image": resolved path or URL}."""
+    if isinstance(part, str):
+        part = {"type": "text", "text": part}
+    if not isinstance(part, dict):
+        raise ValueError(f"a content part is a {type(part).__name__}, expected an object")
+    kind = part.get("type") or next((k for k in ("text", *MEDIA_TYPES) if k in part), None)
+    if kind == "text":
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise ValueError("a text part has no string 'text'")
+        for token in special_tokens:
+            if token in text:
+                raise ValueError(f"text contains the special token {token}; remove it from the data")
+        return {"type": "text", "text": text}
+    if kind in MEDIA_TYPES:
+        ref = next((part[k] for k in (kind, *MEDIA_KEYS) if isinstance(part.get(k), str)), None)
+        if ref is None:
+            raise ValueError(f"an {kind} part has no '{kind}' path or URL")
+        try:
+            return {**part, "type": kind, kind: resolve(ref, *media_dirs)}
+        except MediaError as e:
+            raise ValueError(f"{kind} {e}") from None
+    raise ValueError(f"unknown content type {part.get('type')!r} (expected text or {' or '.join(MEDIA_TYPES)})")
+
+
+def check_sample(
+    record, media_dirs: tuple[Path, Path], special_tokens: tuple[str, ...], require_answer: bool = True
+) -> list[dict]:
+    """The sample's messages, normalised; ValueError saying what is wrong otherwise."""
+    if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
+        raise ValueError('expected an object with a "messages" list')
+    messages = []
+    for number, message in enumerate(record["messages"]):
+        if not isinstance(message, dict):
+            raise ValueError(f"message {number} is not an object")
+        role = message.get("role")
+        if role not in ROLES:
+            raise ValueError(f"message {number} has unknown role {role!r} (expected one of {', '.join(ROLES)})")
+        if role == "system" and number != 0:
+            raise ValueError(f"message {number} is a system message; only the first message may be one")
+        content = message.get("content")
+        if isinstance(content, str):
+            content = [content]
+        if not isinstance(content, list):
+            raise ValueError(f"message {number} has no 'content' string or list")
+        try:
+            parts = [normalise_part(part, media_dirs, special_tokens) for part in content]
+        except ValueError as e:
+            raise ValueError(f"message {number}: {e}") from None
+        if role != "user" and any(part["type"] != "text" for part in parts):
+            raise ValueError(f"message {number} ({role}) has media; images and videos belong in user messages")
+        messages.append({"role": role, "content": parts})
+    if not any(m["role"] == "user" for m in messages):
+        raise ValueError("no user message")
+    if require_answer and not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("no assistant message, so nothing to train on")
+    return messages
+
+
+def read_samples(
+    path: str | Path, media_root: str | Path = ".", special_tokens: tuple[str, ...] = (), require_answer: bool = True
+) -> list[Sample]:
+    """Parse and check every sample's structure, resolving media paths; DataError lists the problems."""
+    path = Path(path)
+    media_dirs = (path.parent, Path(media_root))
+    samples, errors = [], []
+    for index, (line, record) in enumerate(read_records(path)):
+        sample = Sample(source=str(path), index=index, line=line, messages=[])
+        try:
+            sample.messages = check_sample(record, media_dirs, special_tokens, require_answer)
+        except ValueError as e:
+            errors.append(f"{sample.where}: {e}")
+        samples.append(sample)
+    if not samples:
+        raise DataError(f"{path}: no samples")
+    raise_if_any(errors)
+    return samples
+
+
+def check_media(samples: list[Sample], threads: int = 8) -> None:
+    """Decode every image once, recording its size; DataError names each unreadable one."""
+
+    def sizes(sample: Sample) -> str | None:
+        try:
+            sample.image_sizes = [load_image(ref).size[::-1] for ref in sample.media("image")]
+        except MediaError as e:
+            return f"{sample.where}: image {e}"
+        return None
+
+    with ThreadPoolExecutor(threads) as pool:
+        raise_if_any([error for error in pool.map(sizes, samples) if error])
+
+
+def raise_if_any(errors: list[str]) -> None:
+    if errors:
+        shown = errors[:MAX_ERRORS_SHOWN]
+        more = f"\n... and {len(errors) - len(shown)} more" if len(errors) > len(shown) else ""
+        raise DataError("\n".join(shown) + more)

@@ -1,0 +1,112 @@
+"""Answer with a Qwen2-VL-family model: one question, or the last question of every sample in a data file.
+
+    python -m qwen_ft.generate --model output --image test_data/images/0000.png --prompt "What colour is the shape?"
+    python -m qwen_ft.generate --model output --data test_data/data.json --out predictions.jsonl
+
+Decoding is greedy and stops at <|im_end|>. With --data, each sample is cut after its last user
+message, the answer is compared with the assistant message that followed it, and the exact-match
+accuracy is printed.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from qwen_ft.collate import SpecialTokens
+from qwen_ft.data import DataError, Sample, check_media, read_samples
+from qwen_ft.media import MediaError, load_image, resolve
+from qwen_ft.model import ModelUnavailable, load_model, load_processor
+
+
+def question_and_reference(sample: Sample) -> tuple[list[dict], str | None]:
+    """The messages up to the last user message, and the assistant text that answered it (if any)."""
+    last_user = max(i for i, m in enumerate(sample.messages) if m["role"] == "user")
+    answer = sample.messages[last_user + 1] if last_user + 1 < len(sample.messages) else None
+    reference = "".join(p["text"] for p in answer["content"] if p["type"] == "text") if answer else None
+    return sample.messages[: last_user + 1], reference
+
+
+class Answerer:
+    def __init__(self, model_name: str, min_pixels: int | None, max_pixels: int | None, device: torch.device):
+        self.processor = load_processor(model_name, min_pixels, max_pixels)
+        self.tokens = SpecialTokens.from_tokenizer(self.processor.tokenizer)
+        precision = "bf16" if device.type == "cuda" else "fp32"
+        self.model = load_model(model_name, precision, "sdpa", device).eval()
+        self.device = device
+
+    @torch.inference_mode()
+    def answer(self, conversations: list[list[dict]], max_new_tokens: int) -> list[str]:
+        texts = [
+            self.processor.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations
+        ]
+        images = [
+            load_image(p["image"]) for c in conversations for m in c for p in m["content"] if p["type"] == "image"
+        ]
+        # Left padding: every prompt then ends where generation starts.
+        batch = self.processor(
+            text=texts, images=images or None, padding=True, padding_side="left", return_tensors="pt"
+        )
+        batch = batch.to(self.device)
+        output = self.model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=self.tokens.im_end,
+            pad_token_id=self.processor.tokenizer.pad_token_id,
+        )
+        new_tokens = output[:, batch["input_ids"].shape[1] :]
+        return [text.strip() for text in self.processor.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--model", required=True, help="hub name or local directory (e.g. a finetune.py output dir)")
+    parser.add_argument("--image", action="append", default=[], help="image path or URL (repeat for several)")
+    parser.add_argument("--prompt", help="the question to ask about the image(s)")
+    parser.add_argument("--data", help="answer the last user message of every sample in this data file")
+    parser.add_argument("--out", help="with --data: write {index, prediction, reference} JSON lines here")
+    parser.add_argument("--media-root", default=".", help="folder relative media paths are also looked up in")
+    parser.add_argument("--batch-size", type=int, default=16, help="samples generated together with --data")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="longest answer")
+    parser.add_argument("--min-pixels", type=int, default=None, help="override the processor's smallest image size")
+    parser.add_argument("--max-pixels", type=int, default=None, help="override the processor's largest image size")
+    args = parser.parse_args(argv)
+    if (args.data is None) == (args.prompt is None):
+        parser.error("give either --prompt (with --image) or --data")
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        answerer = Answerer(args.model, args.min_pixels, args.max_pixels, device)
+        if args.prompt is not None:
+            images = [{"type": "image", "image": resolve(ref, Path("."), Path(args.media_root))} for ref in args.image]
+            question = [{"role": "user", "content": [*images, {"type": "text", "text": args.prompt}]}]
+            print(answerer.answer([question], args.max_new_tokens)[0])
+            return
+        samples = read_samples(args.data, args.media_root, answerer.tokens.all_strings, require_answer=False)
+        check_media(samples)
+    except (DataError, MediaError, ModelUnavailable) as e:
+        sys.exit(f"error: {e}")
+
+    results = []
+    for start in range(0, len(samples), args.batch_size):
+        chunk = samples[start : start + args.batch_size]
+        questions, references = zip(*(question_and_reference(s) for s in chunk))
+        for sample, prediction, reference in zip(
+            chunk, answerer.answer(list(questions), args.max_new_tokens), references
+        ):
+            results.append({"index": sample.index, "prediction": prediction, "reference": reference})
+    if args.out:
+        Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in results))
+    scored = [r for r in results if r["reference"] is not None]
+    correct = sum(r["prediction"] == r["reference"].strip() for r in scored)
+    if scored:
+        print(f"exact match: {correct}/{len(scored)} = {correct / len(scored):.1%}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Show how each sample is tokenized for training: the text with trained spans marked, and token counts.
+
+    python -m qwen_ft.inspect_data --model Qwen/Qwen2-VL-2B-Instruct --data train_data/data.json
+    python -m qwen_ft.inspect_data --model M --data F --json    # one JSON object per sample per line
+
+Trained spans (labels != -100) are shown between [[ and ]]; a run of image placeholders is
+shown once with its length. The samples go through the same checks and collator as training.
+"""
+
+import argparse
+import itertools
+import json
+import sys
+
+from qwen_ft.collate import IGNORE_INDEX, Collator
+from qwen_ft.config import Config
+from qwen_ft.data import DataError, check_media, read_samples
+from qwen_ft.media import MediaError
+from qwen_ft.model import ModelUnavailable, load_processor
+
+
+def render(ids: list[int], labels: list[int], tokenizer, placeholder_ids: set[int]) -> str:
+    """The decoded sequence, trained spans in [[ ]], placeholder runs as <|image_pad|>*N."""
+    pieces = []
+    for (trained, placeholder), group in itertools.groupby(
+        zip(ids, labels), key=lambda pair: (pair[1] != IGNORE_INDEX, pair[0] in placeholder_ids)
+    ):
+        run = [token for token, _ in group]
+        text = tokenizer.decode(run[:1]) + f"*{len(run)}" if placeholder else tokenizer.decode(run)
+        pieces.append(f"[[{text}]]" if trained else text)
+    return "".join(pieces)
+
+
+def main(argv: list[str] | None = None) -> None:
+    defaults = Config()
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--model", default=defaults.model, help="model whose processor and chat template to use")
+    parser.add_argument("--data", default=defaults.data, help="data file to inspect")
+    parser.add_argument(
+        "--media-root", default=defaults.media_root, help="folder relative media paths are also looked up in"
+    )
+    parser.add_argument("--max-length", type=int, default=defaults.max_length, help="as finetune.py --max-length")
+    parser.add_argument("--min-pixels", type=int, default=defaults.min_pixels, help="as finetune.py --min-pixels")
+    parser.add_argument("--max-pixels", type=int, default=defaults.max_pixels, help="as finetune.py --max-pixels")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per sample and nothing else")
+    args = parser.parse_args(argv)
+
+    try:
+        processor = load_processor(args.model, args.min_pixels, args.max_pixels)
+        collator = Collator(processor, args.max_length)
+        samples = read_samples(args.data, args.media_root, collator.tokens.all_strings)
+        check_media(samples)
+        samples = collator.drop_overlong(samples)
+    except (DataError, MediaError, ModelUnavailable) as e:
+        sys.exit(f"error: {e}")
+
+    placeholders = {collator.tokens.image_pad, collator.tokens.video_pad}
+    for sample in samples:
+        batch = collator([sample])
+        ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+        image_tokens = sum(token in placeholders for token in ids)
+        counts = {
+            "tokens": len(ids),
+            "text_tokens": len(ids) - image_tokens,
+            "image_tokens": image_tokens,
+            "trained_tokens": sum(label != IGNORE_INDEX for label in labels),
+        }
+        if args.json:
+            print(
+                json.dumps(
+                    {"index": sample.index, "source": sample.source, **counts, "input_ids": ids, "labels": labels}
+                )
+            )
+        else:
+            print(f"== {sample.where}")
+            print(render(ids, labels, processor.tokenizer, placeholders))
+            print(", ".join(f"{value} {name.replace('_', ' ')}" for name, value in counts.items()) + "\n")
+
+
+if __name__ == "__main__":
+    main()

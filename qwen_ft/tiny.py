@@ -1,0 +1,163 @@
+"""Build a tiny random Qwen2-VL checkpoint offline: `python -m qwen_ft.tiny OUT_DIR`.
+
+The result is a complete model directory (config, safetensors weights, tokenizer with
+Qwen's special tokens and chat template, image and video processor configs, generation
+config), loaded by the same `from_pretrained` code that loads a real Qwen2-VL model.
+It is small enough for a training step to take a fraction of a second on the CPU.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+from transformers import (
+    GenerationConfig,
+    Qwen2Tokenizer,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessor,
+    Qwen2VLProcessor,
+    Qwen2VLVideoProcessor,
+)
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+# Qwen2-VL's special tokens, in the order the real tokenizer numbers them.
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# Qwen2-VL-Instruct's chat template, unchanged.
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Text the tokenizer's merges are learned from. Any text still tokenizes (byte-level BPE);
+# these words just get short encodings.
+CORPUS = """
+system user assistant You are a helpful assistant.
+What colour is the shape? What shape is in the image? Where is the shape? Describe the image.
+What colour is the shape in the first image? Which image shows the larger shape?
+How many shapes are there? Is the shape moving? Which way does the shape move?
+red green blue yellow purple orange white black grey circle square triangle star
+top left top right bottom left bottom right centre center middle up down left right
+the first the second one two three four five six seven eight nine ten zero yes no
+a an of in on at to and or is are was it this that image picture video frame shape
+The quick brown fox jumps over the lazy dog. Hello world! 0123456789 ,.;:?!'"()[]{}<>-_/
+"""
+
+
+def build_tokenizer(vocab_size: int = 640) -> Qwen2Tokenizer:
+    trainer_model = Tokenizer(models.BPE())
+    trainer_model.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    trainer_model.train_from_iterator(CORPUS.splitlines() * 8, trainer=trainer)
+    learned = json.loads(trainer_model.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learned["merges"]]
+    tokenizer = Qwen2Tokenizer(vocab=learned["vocab"], merges=merges, errors="replace")
+    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.model_max_length = 32768
+    return tokenizer
+
+
+def build(out_dir: str | Path, seed: int = 0) -> Path:
+    out_dir = Path(out_dir)
+    tokenizer = build_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    eos = [ids["<|im_end|>"], ids["<|endoftext|>"]]
+    vocab_size = (len(tokenizer) + 63) // 64 * 64
+    config = Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=vocab_size,
+            hidden_size=128,
+            intermediate_size=384,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            # M-RoPE gives time, height and width a block of rotary frequencies each ([4, 6, 6] of 16).
+            # Qwen's theta of 1e6 (made for 32k-token contexts) leaves the width block of a 32-dim head
+            # with angles too small to tell image columns apart; a theta of 10 suits ~100-token samples.
+            rope_parameters={"rope_type": "default", "rope_theta": 10.0, "mrope_section": [4, 6, 6]},
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+        ),
+        vision_config=dict(
+            depth=2,
+            embed_dim=128,
+            hidden_size=128,
+            num_heads=4,
+            mlp_ratio=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=eos, pad_token_id=ids["<|endoftext|>"]
+    )
+    model.save_pretrained(out_dir)
+    processor = Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(),
+        video_processor=Qwen2VLVideoProcessor(),
+        tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", help="directory to write the checkpoint to")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    args = parser.parse_args()
+    print(build(args.out_dir, args.seed))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+import pytest
+import torch
+from helpers import picture, qa, write_json
+
+from qwen_ft.collate import IGNORE_INDEX, Collator, assistant_labels
+from qwen_ft.data import check_media, read_samples
+from qwen_ft.media import load_image
+
+
+def load(tmp_path, samples, processor):
+    collator = Collator(processor, max_length=4096)
+    loaded = read_samples(write_json(tmp_path / "data.json", samples), special_tokens=collator.tokens.all_strings)
+    check_media(loaded)
+    return loaded, collator
+
+
+def reference_labels(messages, processor) -> list[int]:
+    """Labels built another way: render the conversation up to each assistant turn and measure.
+
+    The trained span of assistant turn k starts where the prompt for it (messages[:k] plus the
+    generation prompt) ends, and ends with the <|im_end|> that closes messages[:k+1].
+    """
+
+    def ids(conversation, generation_prompt=False):
+        text = processor.apply_chat_template(conversation, tokenize=False, add_generation_prompt=generation_prompt)
+        images = [load_image(p["image"]) for m in conversation for p in m["content"] if p["type"] == "image"]
+        return processor(text=[text], images=images or None)["input_ids"][0]
+
+    full = list(ids(messages))
+    labels = [IGNORE_INDEX] * len(full)
+    for k, message in enumerate(messages):
+        if message["role"] == "assistant":
+            start = len(ids(messages[:k], generation_prompt=True))
+            end = len(ids(messages[: k + 1])) - 1  # the template's newline after <|im_end|> is not trained
+            labels[start:end] = full[start:end]
+    return labels
+
+
+def conversations(tmp_path):
+    picture(tmp_path, "a.png")
+    picture(tmp_path, "b.png", shape="square", colour="blue", corner="bottom right", size=(150, 90))
+    image = {"type": "image", "image": "a.png"}
+    return {
+        "single-turn": qa("a.png", "What colour is the shape?", "red"),
+        "multi-turn with system": {
+            "messages": [
+                {"role": "system", "content": "Answer in one word."},
+                {"role": "user", "content": [image, {"type": "text", "text": "What colour is the shape?"}]},
+                {"role": "assistant", "content": "red"},
+                {"role": "user", "content": "And its shape?"},
+                {"role": "assistant", "content": [{"type": "text", "text": "circle"}]},
+            ]
+        },
+        "multi-image": {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [image, {"type": "image", "image": "b.png"}, {"type": "text", "text": "Which is blue?"}],
+                },
+                {"role": "assistant", "content": "the second"},
+            ]
+        },
+        "text-only": qa(None, "How many corners does a square have?", "four"),
+        "'assistant' inside user text": {
+            "messages": [
+                {"role": "user", "content": "assistant\nsay hi, assistant"},
+                {"role": "assistant", "content": "hi"},
+                {"role": "user", "content": "I am the assistant now.\nassistant"},
+                {"role": "assistant", "content": "ok"},
+            ]
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    "name", ["single-turn", "multi-turn with system", "multi-image", "text-only", "'assistant' inside user text"]
+)
+def test_labels_cover_exactly_the_assistant_turns(tmp_path, processor, name):
+    samples, collator = load(tmp_path, [conversations(tmp_path)[name]], processor)
+    batch = collator(samples)
+    expected = reference_labels(samples[0].messages, processor)
+    assert batch["labels"][0].tolist() == expected
+    trained = [t for t in expected if t != IGNORE_INDEX]
+    answers = [m for m in samples[0].messages if m["role"] == "assistant"]
+    assert trained.count(collator.tokens.im_end) == len(answers)  # each turn ends with its <|im_end|>
+
+
+def test_trained_text_is_the_answers(tmp_path, processor):
+    samples, collator = load(tmp_path, [conversations(tmp_path)["multi-turn with system"]], processor)
+    labels = collator(samples)["labels"][0]
+    trained = processor.tokenizer.decode(labels[labels != IGNORE_INDEX])
+    assert trained == "red<|im_end|>circle<|im_end|>"
+
+
+def test_collator_output_equals_the_processor(tmp_path, processor):
+    convs = conversations(tmp_path)
+    samples, collator = load(tmp_path, [convs["multi-image"], convs["single-turn"], convs["text-only"]], processor)
+    batch = collator(samples)
+    expected = processor.apply_chat_template(
+        [s.messages for s in samples], tokenize=True, return_dict=True, padding=True, return_tensors="pt"
+    )
+    assert set(expected) <= set(batch)
+    for key, value in expected.items():
+        torch.testing.assert_close(batch[key], value, rtol=0, atol=0, msg=key)
+    assert batch["input_ids"][:, -1].tolist().count(processor.tokenizer.pad_token_id) >= 1  # right padding
+
+
+def test_token_count_without_processing_images_matches_the_collator(tmp_path, processor):
+    samples, collator = load(tmp_path, list(conversations(tmp_path).values()), processor)
+    for sample in samples:
+        assert collator.token_ids(sample) == collator([sample])["input_ids"][0].tolist(), sample.where
+
+
+def test_max_length_never_cuts_an_image(tmp_path, processor, capsys):
+    picture(tmp_path, "a.png")
+    long_text = "What colour is the shape in this picture? " * 4
+    image_last = {
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": long_text}, {"type": "image", "image": "a.png"}]},
+            {"role": "assistant", "content": "red"},
+        ]
+    }
+    image_first = qa("a.png", "Colour?", "red " * 30)
+    samples, full = load(tmp_path, [image_last, image_first], processor)
+    labels = assistant_labels(full.token_ids(samples[1]), full.tokens)
+    answer_start = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    max_length = answer_start + 5
+    assert full.token_ids(samples[0]).index(full.tokens.vision_end) >= max_length  # the image would be cut
+    collator = Collator(processor, max_length=max_length)
+
+    kept = collator.drop_overlong(samples)
+
+    assert [s.index for s in kept] == [1]
+    warnings = capsys.readouterr().err
+    assert "skipped 1 of 2 samples" in warnings and "sample 0" in warnings
+    assert "cut the text after the last image of 1 samples" in warnings
+    batch = collator(kept)
+    uncut = full.token_ids(samples[1])
+    assert batch["input_ids"][0].tolist() == uncut[:max_length]
+    assert (batch["input_ids"][0] == full.tokens.image_pad).sum() == uncut.count(full.tokens.image_pad)
+    assert batch["labels"][0, -5:].tolist() == uncut[max_length - 5 : max_length]  # trained up to the cut
+
+
+def test_labels_of_a_cut_turn_run_to_the_end():
+    class Tokens:
+        assistant_header = (1, 2)
+        im_end = 9
+
+    ids = [5, 1, 2, 3, 4, 4, 9, 3, 1, 2, 3, 7, 7]
+    assert assistant_labels(ids, Tokens) == [-100, -100, -100, -100, 4, 4, 9, -100, -100, -100, -100, 7, 7]

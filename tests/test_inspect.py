@@ -1,0 +1,36 @@
+import json
+
+from helpers import picture, qa, write_json
+
+from qwen_ft import inspect_data
+from qwen_ft.collate import IGNORE_INDEX, Collator
+from qwen_ft.data import check_media, read_samples
+
+
+def test_json_output_is_one_object_per_sample_matching_the_collator(tmp_path, tiny_model, processor, capsys):
+    data = write_json(
+        tmp_path / "data.json",
+        [qa(picture(tmp_path, "a.png"), "What colour is the shape?", "red"), qa(None, "Say hi", "hi")],
+    )
+    inspect_data.main(["--model", tiny_model, "--data", data, "--json"])
+    lines = capsys.readouterr().out.splitlines()
+    rows = [json.loads(line) for line in lines]
+    samples = read_samples(data)
+    check_media(samples)
+    collator = Collator(processor, 4096)
+    assert [r["index"] for r in rows] == [0, 1]
+    for row, sample in zip(rows, samples):
+        batch = collator([sample])
+        assert row["input_ids"] == batch["input_ids"][0].tolist()
+        assert row["labels"] == batch["labels"][0].tolist()
+        assert row["trained_tokens"] == sum(label != IGNORE_INDEX for label in row["labels"])
+    assert rows[0]["image_tokens"] == 16 and rows[1]["image_tokens"] == 0
+
+
+def test_text_output_marks_the_trained_spans(tmp_path, tiny_model, capsys):
+    data = write_json(tmp_path / "data.json", [qa(picture(tmp_path, "a.png"), "What colour is the shape?", "red")])
+    inspect_data.main(["--model", tiny_model, "--data", data])
+    out = capsys.readouterr().out
+    assert "[[red<|im_end|>]]" in out
+    assert "<|image_pad|>*16" in out
+    assert "16 image tokens" in out and "2 trained tokens" in out

@@ -1,0 +1,170 @@
+import json
+from functools import partial
+
+import pytest
+import torch
+from helpers import picture, qa, write_json
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+import finetune
+from qwen_ft.collate import IGNORE_INDEX, Collator
+from qwen_ft.config import parse_config
+from qwen_ft.data import check_media, read_samples
+from qwen_ft.dist import single_device
+from qwen_ft.model import load_model
+
+
+def small_dataset(folder) -> str:
+    """Four picture samples with answers of different lengths, and one text-only sample."""
+    samples = [
+        qa(picture(folder, "a.png"), "What colour is the shape?", "red"),
+        qa(picture(folder, "b.png", "square", "blue", "bottom right"), "Describe the picture.", "a blue square"),
+        qa(picture(folder, "c.png", "triangle", "green", "top right"), "Where is the shape?", "top right"),
+        qa(picture(folder, "d.png", "circle", "yellow", "bottom left"), "What shape is it?", "circle"),
+        qa(None, "How many corners does a triangle have?", "three"),
+    ]
+    return write_json(folder / "data.json", samples)
+
+
+def train(tiny_model, data, out, *flags):
+    args = ["--model", tiny_model, "--data", data, "--output-dir", str(out), "--num-workers", "0", *flags]
+    return finetune.train(parse_config(args), single_device())
+
+
+def metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_micro_batches_of_one_give_the_gradients_of_one_batch_of_two(tmp_path, tiny_model, processor):
+    samples = read_samples(small_dataset(tmp_path))
+    check_media(samples)
+    collator = Collator(processor, max_length=4096)
+    first, second = samples[0], samples[1]  # 2 and 4 trained tokens: unequal weights per micro-batch
+    model = load_model(tiny_model, "fp32", "sdpa", torch.device("cpu"))
+    no_autocast = partial(torch.autocast, "cpu", enabled=False)
+
+    def gradients(window):
+        model.zero_grad()
+        loss_sum, trained_tokens = finetune.forward_backward(model, window, single_device(), no_autocast)
+        return loss_sum / trained_tokens, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    loss_accumulated, accumulated = gradients([collator([first]), collator([second])])
+    loss_batched, batched = gradients([collator([first, second])])
+
+    torch.testing.assert_close(loss_accumulated, loss_batched, rtol=1e-5, atol=1e-6)
+    assert len(accumulated) == len(batched) > 0
+    for a, b in zip(accumulated, batched):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+    # A per-micro-batch mean, the common mistake, weighs the shorter answer's tokens double and differs.
+    model.zero_grad()
+    for batch in (collator([first]), collator([second])):
+        labels = batch.pop("labels")
+        logits = model(**batch).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        (loss / 2).backward()
+    per_batch_mean = [p.grad for p in model.parameters() if p.grad is not None]
+    assert not all(torch.allclose(a, b, rtol=1e-3) for a, b in zip(per_batch_mean, batched))
+
+
+def test_loss_falls_when_overfitting_a_batch(tmp_path, tiny_model):
+    out = tmp_path / "out"
+    data = small_dataset(tmp_path)
+    flags = ["--batch-size", "5", "--grad-accum", "1", "--max-steps", "40", "--lr", "2e-3", "--warmup-steps", "0"]
+    train(tiny_model, data, out, *flags, "--no-shuffle", "--precision", "fp32")
+    losses = [m["loss"] for m in metrics(out)]
+    assert len(losses) == 40
+    assert losses[-1] < 0.2 * losses[0]
+
+
+@pytest.mark.parametrize("precision, weight_dtype", [("bf16-mixed", torch.float32), ("bf16", torch.bfloat16)])
+def test_precision_sets_the_dtype_of_the_weights(tmp_path, tiny_model, precision, weight_dtype):
+    out = tmp_path / "out"
+    model = train(tiny_model, small_dataset(tmp_path), out, "--max-steps", "2", "--precision", precision)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert {p.dtype for p in model.parameters()} == {weight_dtype}
+    assert all(p.grad is None for p in trainable)  # zeroed after the step
+    assert all(m["loss"] == m["loss"] for m in metrics(out))  # finite, not NaN
+
+
+def test_bf16_mixed_computes_in_bf16(tmp_path, tiny_model, processor):
+    samples = read_samples(small_dataset(tmp_path))
+    check_media(samples)
+    model = load_model(tiny_model, "bf16-mixed", "sdpa", torch.device("cpu"))
+    seen = []
+    model.lm_head.register_forward_hook(lambda module, args, output: seen.append(output.dtype))
+    autocast = partial(torch.autocast, "cpu", dtype=torch.bfloat16)
+    finetune.forward_backward(model, [Collator(processor, 4096)(samples[:2])], single_device(), autocast)
+    assert seen == [torch.bfloat16]
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
+
+
+def test_run_writes_metrics_config_and_a_model_transformers_loads(tmp_path, tiny_model):
+    out = tmp_path / "out"
+    data = small_dataset(tmp_path)
+    train(tiny_model, data, out, "--max-steps", "7", "--batch-size", "1", "--grad-accum", "2", "--lr", "1e-3")
+
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 8))
+    assert {"step", "loss", "lr", "trained_tokens", "grad_norm", "tokens_per_s"} <= set(rows[0])
+    assert rows[-1]["epoch"] == pytest.approx(7 * 2 / 5)  # 14 micro-batches cycle through 5 samples
+    assert all(r["trained_tokens"] > 0 for r in rows)
+    saved = json.loads((out / "train_config.json").read_text())
+    assert saved["max_steps"] == 7 and saved["data"] == data
+
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    processor = AutoProcessor.from_pretrained(out)
+    base = AutoModelForImageTextToText.from_pretrained(tiny_model)
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), base.parameters()))
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": str(tmp_path / "a.png")},
+                {"type": "text", "text": "What colour is the shape?"},
+            ],
+        }
+    ]
+    inputs = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    generated = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert generated.shape[1] > inputs["input_ids"].shape[1]
+
+
+def test_frozen_parts_do_not_change(tmp_path, tiny_model):
+    model = train(
+        tiny_model,
+        small_dataset(tmp_path),
+        tmp_path / "out",
+        "--max-steps",
+        "3",
+        "--lr",
+        "1e-3",
+        "--freeze-llm",
+        "--precision",
+        "fp32",
+    )
+    base = load_model(tiny_model, "fp32", "sdpa", torch.device("cpu"))
+    changed = {
+        name.split(".")[1] if name.startswith("model.") else name.split(".")[0]
+        for (name, a), b in zip(model.named_parameters(), base.parameters())
+        if not torch.equal(a, b)
+    }
+    assert changed == {"visual"}  # only the merger, which lives under model.visual, trained
+    merger = dict(model.model.visual.merger.named_parameters())
+    base_merger = dict(base.model.visual.merger.named_parameters())
+    assert all(not torch.equal(merger[n], base_merger[n]) for n in merger if n.endswith("weight"))
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.model.visual.blocks.parameters(), base.model.visual.blocks.parameters())
+    )
+
+
+def test_trained_labels_count_matches_metrics(tmp_path, tiny_model, processor):
+    out = tmp_path / "out"
+    data = small_dataset(tmp_path)
+    train(tiny_model, data, out, "--max-steps", "1", "--batch-size", "5", "--grad-accum", "1", "--no-shuffle")
+    samples = read_samples(data)
+    check_media(samples)
+    labels = Collator(processor, 4096)(samples)["labels"]
+    assert metrics(out)[0]["trained_tokens"] == int((labels[:, 1:] != IGNORE_INDEX).sum())
