@@ -23,10 +23,18 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from qwen_ft.collate import IGNORE_INDEX, Collator
-from qwen_ft.config import Config, parse_config
+from qwen_ft.config import Config, ConfigError, parse_config
 from qwen_ft.data import DataError, check_media, read_samples
 from qwen_ft.dist import Dist, single_device
-from qwen_ft.model import ModelUnavailable, load_model, load_processor, set_trainable, trainable_table
+from qwen_ft.lora import add_lora, quantization_config
+from qwen_ft.model import (
+    ModelUnavailable,
+    cast_trainable,
+    load_model,
+    load_processor,
+    set_trainable,
+    trainable_table,
+)
 from qwen_ft.optim import make_optimizer, make_scheduler
 
 
@@ -78,27 +86,38 @@ def train(cfg: Config, dist: Dist):
 
     # Data: every sample is read and checked (structure, media, length) before the model loads,
     # so bad input stops the run in seconds rather than after minutes of loading weights.
-    processor = load_processor(cfg.model, cfg.min_pixels, cfg.max_pixels)
-    collator = Collator(processor, cfg.max_length)
+    processor = load_processor(cfg.model, cfg.min_pixels, cfg.max_pixels, cfg.video_max_pixels)
+    collator = Collator(processor, cfg.max_length, cfg.video())
     samples = read_samples(cfg.data, cfg.media_root, collator.tokens.all_strings)
-    check_media(samples)
+    check_media(samples, cfg.video(), collator.video_factor)
     samples = collator.drop_overlong(samples)
     if not samples:
         raise DataError(f"{cfg.data}: no sample fits in --max-length {cfg.max_length}")
 
-    # Model
-    model = load_model(cfg.model, cfg.precision, cfg.attn_implementation, dist.device)
+    # Model: weights load in bf16 (4-bit for QLoRA) unless --precision fp32
+    frozen = {"vision": cfg.freeze_vision, "merger": cfg.freeze_merger, "llm": cfg.freeze_llm}
+    quantization = quantization_config(frozen) if cfg.qlora else None
+    model = load_model(cfg.model, cfg.precision, cfg.attn_implementation, dist.device, quantization)
     model.config.use_cache = False  # the KV cache only serves generation
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Non-reentrant checkpointing needs no inputs that require grad, so it also works when the
+        # embeddings are frozen (LoRA, QLoRA).
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
-    # Freezing
-    set_trainable(model, cfg.freeze_vision, cfg.freeze_merger, cfg.freeze_llm)
+    # Freezing, or LoRA adapters (whose wrapper trains only them and the parts not frozen);
+    # under bf16-mixed what trains gets fp32 master weights.
+    if cfg.lora:
+        model = add_lora(model, frozen, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.dora)
+    else:
+        set_trainable(model, frozen)
+    if cfg.precision == "bf16-mixed":
+        cast_trainable(model, torch.float32)
     dist.print(trainable_table(model))
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     # Optimizer
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, dist.device)
+    part_lr = {"vision": cfg.vision_lr, "merger": cfg.merger_lr}
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, dist.device, part_lr)
 
     # Data loader: the sampler shuffles by seed and epoch; one process is a world of one.
     sampler = DistributedSampler(
@@ -155,7 +174,8 @@ def train(cfg: Config, dist: Dist):
             progress.update()
     progress.close()
 
-    # Save: a standard transformers checkpoint that from_pretrained loads as it is.
+    # Save: a transformers checkpoint, or with LoRA a peft adapter (plus modules trained in full),
+    # that from_pretrained loads as it is.
     if dist.is_main:
         metrics.close()
         model.save_pretrained(out)
@@ -168,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(argv, description=__doc__.splitlines()[0])
     try:
         train(cfg, single_device())
-    except (DataError, ModelUnavailable) as e:
+    except (DataError, ModelUnavailable, ConfigError) as e:
         sys.exit(f"error: {e}")
 
 

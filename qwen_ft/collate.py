@@ -7,9 +7,11 @@ import sys
 from dataclasses import dataclass
 
 import torch
+from transformers.video_utils import VideoMetadata
 
 from qwen_ft.data import Sample
 from qwen_ft.media import load_image
+from qwen_ft.video import VideoSettings, load_video
 
 IGNORE_INDEX = -100  # label of positions that don't count in the loss (cross_entropy's ignore_index)
 # Per-token tensors of a processor batch; the rest (pixel_values, *_grid_thw) are per image or video.
@@ -72,23 +74,40 @@ def assistant_labels(ids: list[int], tokens: SpecialTokens) -> list[int]:
 class Collator:
     """Turns a list of samples into one right-padded batch with labels."""
 
-    def __init__(self, processor, max_length: int):
+    def __init__(self, processor, max_length: int, video: VideoSettings | None = None):
         self.processor = processor
         self.max_length = max_length
+        self.video = video or VideoSettings()  # defaults for video parts; a sample's own keys override them
         self.tokens = SpecialTokens.from_tokenizer(processor.tokenizer)
+        video_processor = processor.video_processor
+        self.video_factor = video_processor.patch_size * video_processor.merge_size  # frame sides are multiples
 
     def text(self, sample: Sample) -> str:
         return self.processor.apply_chat_template(sample.messages, tokenize=False)
 
-    def __call__(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
-        images = [load_image(ref) for sample in samples for ref in sample.media("image")]
-        batch = self.processor(
-            text=[self.text(sample) for sample in samples],
+    def process(self, conversations: list[list[dict]], generation_prompt=False, padding_side="right"):
+        """The processor's batch for these conversations, their images and videos loaded."""
+        texts = [
+            self.processor.apply_chat_template(c, tokenize=False, add_generation_prompt=generation_prompt)
+            for c in conversations
+        ]
+        parts = [p for c in conversations for message in c for p in message["content"]]
+        images = [load_image(p["image"]) for p in parts if p["type"] == "image"]
+        videos = [self.load_video(p) for p in parts if p["type"] == "video"]
+        return self.processor(
+            text=texts,
             images=images or None,
+            videos=[frames for frames, _ in videos] or None,
+            # The sample fps gives Qwen2.5-VL its seconds per temporal patch (second_per_grid_ts).
+            video_metadata=[VideoMetadata(total_num_frames=len(f), fps=fps) for f, fps in videos] or None,
+            videos_kwargs={"do_resize": False},  # load_video already applied the per-video pixel budget
             padding=True,
-            padding_side="right",
+            padding_side=padding_side,
             return_tensors="pt",
         )
+
+    def __call__(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
+        batch = self.process([sample.messages for sample in samples])
         batch = dict(batch)
         # drop_overlong() kept only samples whose images end within max_length, so this cuts text alone.
         for key in TOKEN_KEYS:
@@ -106,13 +125,25 @@ class Collator:
         image_processor = self.processor.image_processor
         return image_processor.get_number_of_image_patches(height, width) // image_processor.merge_size**2
 
+    def load_video(self, part: dict) -> tuple[torch.Tensor, float]:
+        return load_video(part["video"], self.video.for_part(part), self.video_factor)
+
+    def video_tokens(self, frames: int, height: int, width: int) -> int:
+        """Placeholder tokens of a video of this input shape: one per temporal patch and merged 2D patch."""
+        video_processor = self.processor.video_processor
+        patches = (frames // video_processor.temporal_patch_size) * (height * width // video_processor.patch_size**2)
+        return patches // video_processor.merge_size**2
+
     def token_ids(self, sample: Sample) -> list[int]:
-        """The input_ids the processor will produce for this sample, computed from its image sizes alone."""
+        """The input_ids the processor will produce for this sample, from its media's sizes alone."""
         ids = self.processor.tokenizer(self.text(sample), add_special_tokens=False)["input_ids"]
-        counts = iter([self.image_tokens(h, w) for h, w in sample.image_sizes])
+        counts = {
+            self.tokens.image_pad: iter([self.image_tokens(h, w) for h, w in sample.image_sizes]),
+            self.tokens.video_pad: iter([self.video_tokens(*shape) for shape in sample.video_shapes]),
+        }
         expanded = []
         for token in ids:
-            expanded.extend([token] * next(counts) if token == self.tokens.image_pad else [token])
+            expanded.extend([token] * next(counts[token]) if token in counts else [token])
         return expanded
 
     def drop_overlong(self, samples: list[Sample]) -> list[Sample]:

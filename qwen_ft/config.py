@@ -7,7 +7,13 @@ import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qwen_ft.video import VideoSettings
+
 PRECISIONS = ("bf16-mixed", "bf16", "fp32")
+
+
+class ConfigError(Exception):
+    """Flags that don't fit the model or each other; str() says which and what to do."""
 
 
 def option(default, help: str, **argparse_kwargs):
@@ -28,6 +34,15 @@ class Config:
     max_pixels: int = option(
         1280 * 28 * 28, "an image larger than this many pixels is scaled down (Qwen's smart resize)"
     )
+    video_fps: float = option(2.0, 'frames per second taken from a video (a video part\'s "fps" overrides)')
+    video_max_frames: int = option(768, 'most frames taken from one video (a video part\'s "max_frames" overrides)')
+    video_max_pixels: int = option(
+        768 * 28 * 28, 'largest video frame in pixels (a video part\'s "max_pixels" overrides)'
+    )
+    video_total_pixels: int = option(
+        2048 * 28 * 28,
+        'pixel budget of all frames of one video, at most budget / 784 tokens (a video part\'s "total_pixels")',
+    )
     max_length: int = option(
         4096, "longest sample in tokens; text after the last image is cut, a longer image sample skipped"
     )
@@ -38,7 +53,9 @@ class Config:
     max_steps: int | None = option(None, "stop after this many optimizer steps, cycling through the data as needed")
     batch_size: int = option(2, "samples per micro-batch")
     grad_accum: int = option(4, "micro-batches per optimizer step")
-    lr: float = option(1e-5, "peak learning rate, reached after warm-up, then cosine decay to 0")
+    lr: float = option(1e-5, "peak learning rate of the LLM and of LoRA adapters; warm-up, then cosine decay to 0")
+    vision_lr: float | None = option(None, "peak learning rate of the vision tower trained in full (default: --lr)")
+    merger_lr: float | None = option(None, "peak learning rate of the merger trained in full (default: --lr)")
     warmup_steps: int = option(10, "optimizer steps of linear learning-rate warm-up")
     weight_decay: float = option(0.0, "AdamW weight decay (never applied to biases and norms)")
     max_grad_norm: float = option(1.0, "clip the gradient norm to this (0 turns clipping off)")
@@ -52,20 +69,47 @@ class Config:
     freeze_merger: bool = option(False, "keep the vision-to-language merger's weights fixed")
     freeze_llm: bool = option(False, "keep the language model's weights fixed")
 
+    # LoRA and QLoRA (peft): adapters train, the base weights of the parts they sit in stay fixed
+    lora: bool = option(False, "train LoRA adapters instead of full weights where --lora-targets puts them")
+    qlora: bool = option(False, "LoRA on a base model loaded in 4-bit NF4 with double quantization (bitsandbytes)")
+    lora_r: int = option(64, "rank of the adapters")
+    lora_alpha: int = option(16, "adapter scale numerator: the update is scaled by alpha / r")
+    lora_dropout: float = option(0.05, "dropout on the adapters' input")
+    lora_targets: str = option(
+        "llm",
+        "comma list of what gets adapters: parts (llm: its q,k,v,o,gate,up,down projections; vision; merger) "
+        "and/or layer names (q_proj, qkv, ...)",
+    )
+    dora: bool = option(False, "weight-decomposed LoRA (DoRA) adapters")
+
     # Run
     seed: int = option(42, "seed for weights init of new modules, data order and dropout")
     shuffle: bool = option(True, "shuffle the data each epoch")
     num_workers: int = option(2, "DataLoader worker processes that load images and tokenize")
 
     def __post_init__(self):
-        positive = ["epochs", "batch_size", "grad_accum", "max_length", "min_pixels", "max_pixels"]
+        positive = ["epochs", "batch_size", "grad_accum", "max_length", "min_pixels", "max_pixels", "video_max_frames"]
         for name in positive + (["max_steps"] if self.max_steps is not None else []):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.min_pixels > self.max_pixels:
             raise ValueError(f"--min-pixels {self.min_pixels} is larger than --max-pixels {self.max_pixels}")
+        if self.video_fps <= 0 or self.video_max_pixels < self.min_pixels:
+            raise ValueError("--video-fps must be positive and --video-max-pixels at least --min-pixels")
+        if self.qlora:
+            self.lora = True  # QLoRA is LoRA on a 4-bit base
         if self.lr <= 0 or self.warmup_steps < 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
             raise ValueError("--lr must be positive; --warmup-steps, --weight-decay and --max-grad-norm not negative")
+
+    def video(self) -> VideoSettings:
+        """The defaults for a sample's video parts."""
+        return VideoSettings(
+            fps=self.video_fps,
+            max_frames=self.video_max_frames,
+            min_pixels=self.min_pixels,
+            max_pixels=self.video_max_pixels,
+            total_pixels=self.video_total_pixels,
+        )
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")

@@ -13,10 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qwen_ft.media import MediaError, load_image, resolve
+from qwen_ft.media import MediaError, is_url, load_image, resolve, shorten
+from qwen_ft.video import VideoSettings, plan_video
 
 ROLES = ("system", "user", "assistant")
-MEDIA_TYPES = ("image",)
+MEDIA_TYPES = ("image", "video")
 # Keys a media part may use for its reference: Qwen's own ("image") and transformers' ("url", "path").
 MEDIA_KEYS = ("url", "path")
 MAX_ERRORS_SHOWN = 10
@@ -35,13 +36,18 @@ class Sample:
     line: int | None
     messages: list[dict]
     image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (height, width), filled by check_media
+    video_shapes: list[tuple[int, int, int]] = field(default_factory=list)  # (frames, height, width) as input
 
     @property
     def where(self) -> str:
         return f"{self.source}: sample {self.index}" + (f" (line {self.line})" if self.line else "")
 
-    def media(self, kind: str = "image") -> list[str]:
-        return [part[kind] for message in self.messages for part in message["content"] if part["type"] == kind]
+    def parts(self, kind: str) -> list[dict]:
+        return [part for message in self.messages for part in message["content"] if part["type"] == kind]
+
+    def media(self, kind: str = "image") -> list:
+        """The resolved references of the sample's images (or videos), in order."""
+        return [part[kind] for part in self.parts(kind)]
 
 
 def read_records(path: Path) -> list[tuple[int | None, object]]:
@@ -89,13 +95,18 @@ def normalise_part(part, media_dirs: tuple[Path, Path], special_tokens: tuple[st
                 raise ValueError(f"text contains the special token {token}; remove it from the data")
         return {"type": "text", "text": text}
     if kind in MEDIA_TYPES:
-        ref = next((part[k] for k in (kind, *MEDIA_KEYS) if isinstance(part.get(k), str)), None)
-        if ref is None:
-            raise ValueError(f"an {kind} part has no '{kind}' path or URL")
+        ref = next((part[k] for k in (kind, *MEDIA_KEYS) if part.get(k) is not None), None)
+        if kind == "image" and not isinstance(ref, str):
+            raise ValueError("an image part has no 'image' path or URL")
+        if kind == "video" and not (isinstance(ref, str) or (isinstance(ref, list) and ref)):
+            raise ValueError("a video part has no 'video' file, folder or list of frame images")
+        if kind == "video" and any(is_url(r) for r in (ref if isinstance(ref, list) else [ref])):
+            raise ValueError(f"video '{shorten(str(ref))}' is a URL; videos must be local files or frame images")
         try:
-            return {**part, "type": kind, kind: resolve(ref, *media_dirs)}
+            resolved = [resolve(r, *media_dirs) for r in ref] if isinstance(ref, list) else resolve(ref, *media_dirs)
         except MediaError as e:
             raise ValueError(f"{kind} {e}") from None
+        return {**part, "type": kind, kind: resolved}
     raise ValueError(f"unknown content type {part.get('type')!r} (expected text or {' or '.join(MEDIA_TYPES)})")
 
 
@@ -153,14 +164,26 @@ def read_samples(
     return samples
 
 
-def check_media(samples: list[Sample], threads: int = 8) -> None:
-    """Decode every image once, recording its size; DataError names each unreadable one."""
+def check_media(samples: list[Sample], video: VideoSettings | None = None, factor: int = 28, threads: int = 8):
+    """Decode every image once and read every video's metadata and packets, recording the sizes they
+    will have as model input; DataError names each one that can't be read as asked.
+
+    video holds the defaults for a sample's video parts; factor is the model's patch size times its
+    spatial merge size (the multiple frame sides are resized to).
+    """
+    video = video or VideoSettings()
 
     def sizes(sample: Sample) -> str | None:
         try:
             sample.image_sizes = [load_image(ref).size[::-1] for ref in sample.media("image")]
         except MediaError as e:
             return f"{sample.where}: image {e}"
+        try:
+            sample.video_shapes = [plan_video(p["video"], video.for_part(p), factor) for p in sample.parts("video")]
+        except MediaError as e:
+            return f"{sample.where}: video {e}"
+        except (TypeError, ValueError) as e:  # a per-sample setting of the wrong type or range
+            return f"{sample.where}: video settings: {e}"
         return None
 
     with ThreadPoolExecutor(threads) as pool:

@@ -4,7 +4,8 @@
 
 Each picture holds one shape (circle, square or triangle) in one colour, in one corner. The
 answers can only be read off the picture, so a model that gets them right sees the images.
-Besides one-picture questions there are two-picture, multi-turn and text-only samples.
+Besides one-picture questions there are two-picture, multi-turn and text-only samples, and short
+videos of a shape that moves or changes colour, whose answers need more than one frame.
 The train and test sets come from different seeds: no test picture is in the train set.
 """
 
@@ -14,6 +15,7 @@ import random
 import shutil
 from pathlib import Path
 
+import av
 from PIL import Image, ImageDraw
 
 SIZE = 112  # 8x8 patches of 14 px: 16 image tokens per picture after Qwen's 2x2 merge
@@ -40,10 +42,14 @@ TEXT_ONLY = [
 
 
 def draw(shape: str, colour: str, corner: str, rng: random.Random) -> Image.Image:
-    image = Image.new("RGB", (SIZE, SIZE), (255, 255, 255))
     fx, fy = CORNERS[corner]
-    cx, cy = fx * SIZE + rng.uniform(-4, 4), fy * SIZE + rng.uniform(-4, 4)
-    r = rng.uniform(20, 22)
+    return draw_at(shape, colour, fx + rng.uniform(-4, 4) / SIZE, fy + rng.uniform(-4, 4) / SIZE, rng.uniform(20, 22))
+
+
+def draw_at(shape: str, colour: str, fx: float, fy: float, r: float) -> Image.Image:
+    """A white picture with one shape of radius r px centred at (fx, fy), fractions of the side."""
+    image = Image.new("RGB", (SIZE, SIZE), (255, 255, 255))
+    cx, cy = fx * SIZE, fy * SIZE
     pen = ImageDraw.Draw(image)
     fill = COLOURS[colour]
     if shape == "circle":
@@ -55,12 +61,29 @@ def draw(shape: str, colour: str, corner: str, rng: random.Random) -> Image.Imag
     return image
 
 
+VIDEO_FPS, VIDEO_FRAMES = 8, 16  # 2-second clips: 4 frames at finetune.py's default 2 fps
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+VIDEO_QUESTIONS = {"move": "Which way does the shape move?", "turn": "What colour does the shape turn?"}
+
+
+def write_clip(path: Path, pictures: list[Image.Image], fps: int = VIDEO_FPS) -> None:
+    """An H.264 video of the pictures (MPEG-4 part 2 where this PyAV has no H.264 encoder)."""
+    codec = "libx264" if "libx264" in av.codec.codecs_available else "mpeg4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = SIZE, SIZE, "yuv420p"
+        for picture in pictures:
+            container.mux(stream.encode(av.VideoFrame.from_image(picture)))
+        container.mux(stream.encode())
+
+
 class Writer:
     """Draws random pictures into OUT/images and collects the samples that use them."""
 
     def __init__(self, out: Path, seed: int):
         self.out, self.rng, self.samples, self.pictures = out, random.Random(seed), [], 0
         shutil.rmtree(out / "images", ignore_errors=True)
+        shutil.rmtree(out / "videos", ignore_errors=True)
         (out / "images").mkdir(parents=True)
 
     def picture(self, **fixed) -> tuple[dict, dict]:
@@ -105,6 +128,28 @@ class Writer:
                 ([{"type": "text", "text": QUESTIONS[second]}], facts[second]),
             )
 
+    def videos(self, n: int) -> None:
+        """Clips of a shape that moves across the picture, or that changes colour halfway."""
+        (self.out / "videos").mkdir(exist_ok=True)
+        for i in range(n):
+            shape, colour = self.rng.choice(SHAPES), self.rng.choice(list(COLOURS))
+            name = f"videos/{i:03d}.mp4"
+            if i % 2 == 0:
+                answer = self.rng.choice(list(DIRECTIONS))
+                dx, dy = DIRECTIONS[answer]
+                steps = [(t / (VIDEO_FRAMES - 1) - 0.5) * 0.5 for t in range(VIDEO_FRAMES)]  # -0.25 .. 0.25
+                pictures = [draw_at(shape, colour, 0.5 + dx * step, 0.5 + dy * step, 18) for step in steps]
+                question = VIDEO_QUESTIONS["move"]
+            else:
+                answer = self.rng.choice([c for c in COLOURS if c != colour])
+                pictures = [
+                    draw_at(shape, colour if t < VIDEO_FRAMES // 2 else answer, 0.5, 0.5, 21)
+                    for t in range(VIDEO_FRAMES)
+                ]
+                question = VIDEO_QUESTIONS["turn"]
+            write_clip(self.out / name, pictures)
+            self.add(([{"type": "video", "video": name}, {"type": "text", "text": question}], answer))
+
     def text_only(self, repeats: int) -> None:
         for _ in range(repeats):
             for question, answer in TEXT_ONLY:
@@ -115,11 +160,14 @@ class Writer:
         (self.out / "data.json").write_text(json.dumps(self.samples, indent=1) + "\n")
 
 
-def generate(out: Path, seed: int, single: int, two_pictures: int, multi_turn: int, text_repeats: int) -> None:
+def generate(
+    out: Path, seed: int, single: int, two_pictures: int, multi_turn: int, videos: int, text_repeats: int
+) -> None:
     writer = Writer(out, seed)
     writer.single(single)
     writer.two_pictures(two_pictures)
     writer.multi_turn(multi_turn)
+    writer.videos(videos)
     writer.text_only(text_repeats)
     writer.save()
 
@@ -129,8 +177,8 @@ def main() -> None:
     parser.add_argument("--train-dir", default="train_data", help="where the training set goes")
     parser.add_argument("--test-dir", default="test_data", help="where the held-out test set goes")
     args = parser.parse_args()
-    generate(Path(args.train_dir), seed=1, single=800, two_pictures=400, multi_turn=80, text_repeats=5)
-    generate(Path(args.test_dir), seed=2, single=150, two_pictures=20, multi_turn=20, text_repeats=1)
+    generate(Path(args.train_dir), seed=1, single=800, two_pictures=400, multi_turn=80, videos=24, text_repeats=5)
+    generate(Path(args.test_dir), seed=2, single=150, two_pictures=20, multi_turn=20, videos=2, text_repeats=1)
 
 
 if __name__ == "__main__":

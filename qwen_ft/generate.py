@@ -11,13 +11,16 @@ accuracy is printed.
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from qwen_ft.collate import SpecialTokens
+from qwen_ft.collate import Collator
+from qwen_ft.config import Config
 from qwen_ft.data import DataError, Sample, check_media, read_samples
-from qwen_ft.media import MediaError, load_image, resolve
+from qwen_ft.lora import load_with_adapter
+from qwen_ft.media import MediaError, resolve
 from qwen_ft.model import ModelUnavailable, load_model, load_processor
 
 
@@ -30,35 +33,33 @@ def question_and_reference(sample: Sample) -> tuple[list[dict], str | None]:
 
 
 class Answerer:
-    def __init__(self, model_name: str, min_pixels: int | None, max_pixels: int | None, device: torch.device):
-        self.processor = load_processor(model_name, min_pixels, max_pixels)
-        self.tokens = SpecialTokens.from_tokenizer(self.processor.tokenizer)
+    def __init__(self, model_name: str, device: torch.device, adapter: str | None = None, **settings):
+        """settings: min_pixels, max_pixels (None: the processor's own) and video (VideoSettings)."""
+        # A finetune.py --lora output holds the processor it trained with; prefer it to the base's.
+        processor_source = adapter if adapter and (Path(adapter) / "processor_config.json").exists() else model_name
+        processor = load_processor(processor_source, settings.get("min_pixels"), settings.get("max_pixels"))
+        self.collator = Collator(processor, max_length=sys.maxsize, video=settings.get("video"))
         precision = "bf16" if device.type == "cuda" else "fp32"
-        self.model = load_model(model_name, precision, "sdpa", device).eval()
+        if adapter:
+            self.model = load_with_adapter(model_name, adapter, precision, device).eval()
+        else:
+            self.model = load_model(model_name, precision, "sdpa", device).eval()
         self.device = device
 
     @torch.inference_mode()
     def answer(self, conversations: list[list[dict]], max_new_tokens: int) -> list[str]:
-        texts = [
-            self.processor.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations
-        ]
-        images = [
-            load_image(p["image"]) for c in conversations for m in c for p in m["content"] if p["type"] == "image"
-        ]
         # Left padding: every prompt then ends where generation starts.
-        batch = self.processor(
-            text=texts, images=images or None, padding=True, padding_side="left", return_tensors="pt"
-        )
-        batch = batch.to(self.device)
+        batch = self.collator.process(conversations, generation_prompt=True, padding_side="left").to(self.device)
+        tokenizer = self.collator.processor.tokenizer
         output = self.model.generate(
             **batch,
             max_new_tokens=max_new_tokens,
             do_sample=False,
-            eos_token_id=self.tokens.im_end,
-            pad_token_id=self.processor.tokenizer.pad_token_id,
+            eos_token_id=self.collator.tokens.im_end,
+            pad_token_id=tokenizer.pad_token_id,
         )
         new_tokens = output[:, batch["input_ids"].shape[1] :]
-        return [text.strip() for text in self.processor.batch_decode(new_tokens, skip_special_tokens=True)]
+        return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -66,7 +67,12 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     parser.add_argument("--model", required=True, help="hub name or local directory (e.g. a finetune.py output dir)")
+    parser.add_argument("--adapter", help="a LoRA adapter directory (finetune.py --lora output) to apply to --model")
     parser.add_argument("--image", action="append", default=[], help="image path or URL (repeat for several)")
+    parser.add_argument("--video", action="append", default=[], help="video file or folder of frames (repeatable)")
+    parser.add_argument(
+        "--video-fps", type=float, default=Config.video_fps, help="frames per second taken from a video"
+    )
     parser.add_argument("--prompt", help="the question to ask about the image(s)")
     parser.add_argument("--data", help="answer the last user message of every sample in this data file")
     parser.add_argument("--out", help="with --data: write {index, prediction, reference} JSON lines here")
@@ -81,14 +87,18 @@ def main(argv: list[str] | None = None) -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        answerer = Answerer(args.model, args.min_pixels, args.max_pixels, device)
+        video = replace(Config().video(), fps=args.video_fps)
+        pixels = {"min_pixels": args.min_pixels, "max_pixels": args.max_pixels}
+        answerer = Answerer(args.model, device, args.adapter, video=video, **pixels)
         if args.prompt is not None:
-            images = [{"type": "image", "image": resolve(ref, Path("."), Path(args.media_root))} for ref in args.image]
-            question = [{"role": "user", "content": [*images, {"type": "text", "text": args.prompt}]}]
+            media = [(kind, ref) for kind in ("image", "video") for ref in getattr(args, kind)]
+            parts = [{"type": kind, kind: resolve(ref, Path("."), Path(args.media_root))} for kind, ref in media]
+            question = [{"role": "user", "content": [*parts, {"type": "text", "text": args.prompt}]}]
             print(answerer.answer([question], args.max_new_tokens)[0])
             return
-        samples = read_samples(args.data, args.media_root, answerer.tokens.all_strings, require_answer=False)
-        check_media(samples)
+        collator = answerer.collator
+        samples = read_samples(args.data, args.media_root, collator.tokens.all_strings, require_answer=False)
+        check_media(samples, video, collator.video_factor)
     except (DataError, MediaError, ModelUnavailable) as e:
         sys.exit(f"error: {e}")
 

@@ -1,5 +1,8 @@
 """Show how each sample is tokenized for training: the text with trained spans marked, and token counts.
 
+It takes finetune.py's flags; those that shape the data (--model, --data, --max-length, pixels, video
+settings) apply as in training.
+
     python -m qwen_ft.inspect_data --model Qwen/Qwen2-VL-2B-Instruct --data train_data/data.json
     python -m qwen_ft.inspect_data --model M --data F --json    # one JSON object per sample per line
 
@@ -7,13 +10,12 @@ Trained spans (labels != -100) are shown between [[ and ]]; a run of image place
 shown once with its length. The samples go through the same checks and collator as training.
 """
 
-import argparse
 import itertools
 import json
 import sys
 
 from qwen_ft.collate import IGNORE_INDEX, Collator
-from qwen_ft.config import Config
+from qwen_ft.config import Config, build_parser
 from qwen_ft.data import DataError, check_media, read_samples
 from qwen_ft.media import MediaError
 from qwen_ft.model import ModelUnavailable, load_processor
@@ -32,26 +34,18 @@ def render(ids: list[int], labels: list[int], tokenizer, placeholder_ids: set[in
 
 
 def main(argv: list[str] | None = None) -> None:
-    defaults = Config()
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    parser.add_argument("--model", default=defaults.model, help="model whose processor and chat template to use")
-    parser.add_argument("--data", default=defaults.data, help="data file to inspect")
-    parser.add_argument(
-        "--media-root", default=defaults.media_root, help="folder relative media paths are also looked up in"
-    )
-    parser.add_argument("--max-length", type=int, default=defaults.max_length, help="as finetune.py --max-length")
-    parser.add_argument("--min-pixels", type=int, default=defaults.min_pixels, help="as finetune.py --min-pixels")
-    parser.add_argument("--max-pixels", type=int, default=defaults.max_pixels, help="as finetune.py --max-pixels")
+    # finetune.py's own flags (those that shape the data are used), plus --json.
+    parser = build_parser(__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object per sample and nothing else")
-    args = parser.parse_args(argv)
+    args = vars(parser.parse_args(argv))
+    as_json = args.pop("json")
+    cfg = Config(**args)
 
     try:
-        processor = load_processor(args.model, args.min_pixels, args.max_pixels)
-        collator = Collator(processor, args.max_length)
-        samples = read_samples(args.data, args.media_root, collator.tokens.all_strings)
-        check_media(samples)
+        processor = load_processor(cfg.model, cfg.min_pixels, cfg.max_pixels, cfg.video_max_pixels)
+        collator = Collator(processor, cfg.max_length, cfg.video())
+        samples = read_samples(cfg.data, cfg.media_root, collator.tokens.all_strings)
+        check_media(samples, cfg.video(), collator.video_factor)
         samples = collator.drop_overlong(samples)
     except (DataError, MediaError, ModelUnavailable) as e:
         sys.exit(f"error: {e}")
@@ -60,14 +54,16 @@ def main(argv: list[str] | None = None) -> None:
     for sample in samples:
         batch = collator([sample])
         ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
-        image_tokens = sum(token in placeholders for token in ids)
+        image_tokens = ids.count(collator.tokens.image_pad)
+        video_tokens = ids.count(collator.tokens.video_pad)
         counts = {
             "tokens": len(ids),
-            "text_tokens": len(ids) - image_tokens,
+            "text_tokens": len(ids) - image_tokens - video_tokens,
             "image_tokens": image_tokens,
+            "video_tokens": video_tokens,
             "trained_tokens": sum(label != IGNORE_INDEX for label in labels),
         }
-        if args.json:
+        if as_json:
             print(
                 json.dumps(
                     {"index": sample.index, "source": sample.source, **counts, "input_ids": ids, "labels": labels}

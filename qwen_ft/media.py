@@ -37,7 +37,7 @@ def resolve(ref: str, data_dir: Path, media_root: Path) -> str:
     path = Path(urllib.parse.unquote(ref[len("file://") :])) if ref.startswith("file://") else Path(ref)
     candidates = [path] if path.is_absolute() else [data_dir / path, media_root / path]
     for candidate in candidates:
-        if candidate.is_file():
+        if candidate.exists():  # a folder too: a video may be a folder of frames
             return str(candidate.resolve())
     raise MediaError(f"'{ref}' not found (looked for {' and '.join(str(c) for c in candidates)})")
 

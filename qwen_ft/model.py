@@ -7,9 +7,7 @@ from pathlib import Path
 import torch
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import try_to_load_from_cache
-from transformers import AutoModelForImageTextToText, AutoProcessor
-
-PRECISION_DTYPES = {"bf16-mixed": torch.float32, "bf16": torch.bfloat16, "fp32": torch.float32}
+from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
 
 class ModelUnavailable(Exception):
@@ -42,55 +40,84 @@ def check_available(name: str, timeout_s: float = 5.0) -> None:
     )
 
 
-def load_processor(name: str, min_pixels: int | None = None, max_pixels: int | None = None):
-    """The model's processor, with Qwen's smart resize bounded by [min_pixels, max_pixels] where given.
+def load_processor(
+    name: str, min_pixels: int | None = None, max_pixels: int | None = None, video_max_pixels: int | None = None
+):
+    """The model's processor, with Qwen's smart resize bounded by [min_pixels, max_pixels] where given
+    (video frames by [min_pixels, video_max_pixels]).
 
-    The bounds are stored in the processor, so the saved fine-tuned model sees images at
-    the same resolution at inference as in training.
+    The bounds are stored in the processor, so the saved fine-tuned model sees images at the same
+    resolution at inference as in training.
     """
     check_available(name)
     processor = AutoProcessor.from_pretrained(name)
-    size = dict(processor.image_processor.size)
-    if min_pixels is not None:
-        size["shortest_edge"] = min_pixels
-    if max_pixels is not None:
-        size["longest_edge"] = max_pixels
-    processor.image_processor.size = {"shortest_edge": size["shortest_edge"], "longest_edge": size["longest_edge"]}
+    for sub, largest in ((processor.image_processor, max_pixels), (processor.video_processor, video_max_pixels)):
+        size = dict(sub.size)
+        sub.size = {
+            "shortest_edge": min_pixels if min_pixels is not None else size["shortest_edge"],
+            "longest_edge": largest if largest is not None else size["longest_edge"],
+        }
     return processor
 
 
-def load_model(name: str, precision: str, attn_implementation: str, device: torch.device):
+def load_model(
+    name: str,
+    precision: str,
+    attn_implementation: str,
+    device: torch.device,
+    quantization_config: BitsAndBytesConfig | None = None,
+):
+    """The model on `device`, weights in bf16 unless precision is fp32 (4-bit where quantization_config says).
+
+    Under bf16-mixed the weights that train are cast to fp32 later (cast_trainable), once it is known
+    which they are; frozen weights stay in bf16, which autocast would cast them to anyway.
+    """
     check_available(name)
-    model = AutoModelForImageTextToText.from_pretrained(
-        name, dtype=PRECISION_DTYPES[precision], attn_implementation=attn_implementation
+    return AutoModelForImageTextToText.from_pretrained(
+        name,
+        dtype=torch.float32 if precision == "fp32" else torch.bfloat16,
+        attn_implementation=attn_implementation,
+        quantization_config=quantization_config,
+        device_map={"": device},
     )
-    return model.to(device)
 
 
-def model_parts(model) -> dict[str, list[torch.nn.Parameter]]:
-    """The parameters of the vision tower, the merger (vision to language projection) and the LLM."""
-    visual = model.model.visual
-    merger = list(visual.merger.parameters())
-    merger_ids = {id(p) for p in merger}
-    llm = {id(p): p for p in [*model.model.language_model.parameters(), *model.lm_head.parameters()]}
-    return {
-        "vision": [p for p in visual.parameters() if id(p) not in merger_ids],
-        "merger": merger,
-        "llm": list(llm.values()),  # lm_head may share its weight with the embeddings
-    }
+def part_of(name: str) -> str:
+    """The part a parameter or module belongs to, from its name (also inside a peft wrapper):
+    "vision" (the vision tower), "merger" (vision-to-language projection), "llm" or "lora" (adapters)."""
+    if "lora_" in name:
+        return "lora"
+    dotted = f".{name}."
+    if ".visual.merger." in dotted:
+        return "merger"
+    if ".visual." in dotted:
+        return "vision"
+    return "llm"
 
 
-def set_trainable(model, freeze_vision: bool, freeze_merger: bool, freeze_llm: bool) -> None:
-    frozen = {"vision": freeze_vision, "merger": freeze_merger, "llm": freeze_llm}
-    for part, params in model_parts(model).items():
-        for param in params:
-            param.requires_grad_(not frozen[part])
+def set_trainable(model, frozen: dict[str, bool]) -> None:
+    """requires_grad on every parameter of each part that isn't frozen ({"vision": True, ...})."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(not frozen[part_of(name)])
+
+
+def cast_trainable(model, dtype: torch.dtype) -> None:
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.to(dtype)
 
 
 def trainable_table(model) -> str:
     """Parameter counts per part, trainable and total, as a small text table."""
+    counts = {part: [0, 0] for part in ("vision", "merger", "llm", "lora")}
+    for name, param in model.named_parameters():
+        if ".original_module." in name:  # peft's frozen original of a module it trains a copy of
+            continue
+        # A 4-bit weight packs two values per stored byte; its quant_state knows the real shape.
+        quant_state = getattr(param, "quant_state", None)
+        numel = quant_state.shape.numel() if quant_state is not None else param.numel()
+        counts[part_of(name)][0] += numel if param.requires_grad else 0
+        counts[part_of(name)][1] += numel
     rows = [f"{'part':<8}{'trainable':>15}{'total':>15}"]
-    for part, params in model_parts(model).items():
-        trainable = sum(p.numel() for p in params if p.requires_grad)
-        rows.append(f"{part:<8}{trainable:>15,}{sum(p.numel() for p in params):>15,}")
+    rows += [f"{part:<8}{trained:>15,}{total:>15,}" for part, (trained, total) in counts.items() if total]
     return "\n".join(rows)

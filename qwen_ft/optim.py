@@ -4,15 +4,25 @@ import math
 
 import torch
 
+from qwen_ft.model import part_of
 
-def make_optimizer(model, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
-        # Biases and norm scales are 1-D: decaying them towards 0 only hurts.
-        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=lr, fused=device.type == "cuda")
+
+def make_optimizer(model, lr: float, weight_decay: float, device: torch.device, part_lr: dict[str, float | None]):
+    """AdamW over the trainable parameters, one group per part and decay kind.
+
+    part_lr gives a part ("vision", "merger") its own peak lr; the LLM, LoRA adapters and any part
+    without one use lr. The schedule scales every group's lr by the same factor.
+    """
+    groups = []
+    for part in ("llm", "lora", "vision", "merger"):  # the first group's lr is the one logged
+        params = [p for name, p in model.named_parameters() if p.requires_grad and part_of(name) == part]
+        part_peak = part_lr.get(part) or lr
+        groups += [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay, "lr": part_peak},
+            # Biases and norm scales are 1-D: decaying them towards 0 only hurts.
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr": part_peak},
+        ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, fused=device.type == "cuda")
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:

@@ -14,6 +14,9 @@ import torch
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
     GenerationConfig,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
     Qwen2Tokenizer,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
@@ -97,13 +100,34 @@ def build_tokenizer(vocab_size: int = 640) -> Qwen2Tokenizer:
     return tokenizer
 
 
-def build(out_dir: str | Path, seed: int = 0) -> Path:
+# The tiny vision tower of each architecture: 2 blocks, 128 wide, output 128 wide (the LLM's width).
+VISION_CONFIGS = {
+    "qwen2-vl": dict(depth=2, embed_dim=128, hidden_size=128, num_heads=4, mlp_ratio=2),
+    "qwen2.5-vl": dict(
+        depth=2,
+        hidden_size=128,
+        out_hidden_size=128,
+        intermediate_size=256,
+        num_heads=4,
+        window_size=112,
+        fullatt_block_indexes=[1],
+        tokens_per_second=2,
+    ),
+}
+ARCHITECTURES = {
+    "qwen2-vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor),
+    "qwen2.5-vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor),
+}
+
+
+def build(out_dir: str | Path, seed: int = 0, arch: str = "qwen2-vl") -> Path:
     out_dir = Path(out_dir)
+    config_class, model_class, processor_class = ARCHITECTURES[arch]
     tokenizer = build_tokenizer()
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     eos = [ids["<|im_end|>"], ids["<|endoftext|>"]]
     vocab_size = (len(tokenizer) + 63) // 64 * 64
-    config = Qwen2VLConfig(
+    config = config_class(
         text_config=dict(
             vocab_size=vocab_size,
             hidden_size=128,
@@ -120,28 +144,23 @@ def build(out_dir: str | Path, seed: int = 0) -> Path:
             eos_token_id=ids["<|im_end|>"],
             pad_token_id=ids["<|endoftext|>"],
         ),
-        vision_config=dict(
-            depth=2,
-            embed_dim=128,
-            hidden_size=128,
-            num_heads=4,
-            mlp_ratio=2,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-        ),
+        vision_config=dict(**VISION_CONFIGS[arch], patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
     )
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config)
+    model = model_class(config)
+    # At the usual init std of 0.02 the output head caps every logit near |h| * |w| = 11 * 0.23, so a
+    # model whose head stays frozen (LoRA) could never grow confident. A trained head has a far wider
+    # margin; give the tiny one enough to learn with.
+    torch.nn.init.normal_(model.lm_head.weight, std=0.1)
     model.generation_config = GenerationConfig(
         bos_token_id=ids["<|endoftext|>"], eos_token_id=eos, pad_token_id=ids["<|endoftext|>"]
     )
     model.save_pretrained(out_dir)
-    processor = Qwen2VLProcessor(
+    processor = processor_class(
         image_processor=Qwen2VLImageProcessor(),
         video_processor=Qwen2VLVideoProcessor(),
         tokenizer=tokenizer,
@@ -155,8 +174,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", help="directory to write the checkpoint to")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    parser.add_argument("--arch", choices=list(ARCHITECTURES), default="qwen2-vl", help="model family")
     args = parser.parse_args()
-    print(build(args.out_dir, args.seed))
+    print(build(args.out_dir, args.seed, args.arch))
 
 
 if __name__ == "__main__":

@@ -27,3 +27,24 @@ def qa(image: str | None, question: str, answer: str) -> dict:
     """A one-turn sample, with an image when given."""
     content = ([{"type": "image", "image": image}] if image else []) + [{"type": "text", "text": question}]
     return {"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]}
+
+
+def reference_labels(messages, collator) -> list[int]:
+    """Labels built another way than assistant_labels: render the conversation up to each assistant
+    turn and measure.
+
+    The trained span of assistant turn k starts where the prompt for it (messages[:k] plus the
+    generation prompt) ends, and ends with the <|im_end|> that closes messages[:k+1].
+    """
+
+    def length(conversation, generation_prompt=False) -> int:
+        return collator.process([conversation], generation_prompt)["input_ids"].shape[1]
+
+    full = collator.process([messages])["input_ids"][0].tolist()
+    labels = [-100] * len(full)
+    for k, message in enumerate(messages):
+        if message["role"] == "assistant":
+            start = length(messages[:k], generation_prompt=True)
+            end = length(messages[: k + 1]) - 1  # the template's newline after <|im_end|> is not trained
+            labels[start:end] = full[start:end]
+    return labels

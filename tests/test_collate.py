@@ -1,10 +1,9 @@
 import pytest
 import torch
-from helpers import picture, qa, write_json
+from helpers import picture, qa, reference_labels, write_json
 
 from qwen_ft.collate import IGNORE_INDEX, Collator, assistant_labels
 from qwen_ft.data import check_media, read_samples
-from qwen_ft.media import load_image
 
 
 def load(tmp_path, samples, processor):
@@ -12,28 +11,6 @@ def load(tmp_path, samples, processor):
     loaded = read_samples(write_json(tmp_path / "data.json", samples), special_tokens=collator.tokens.all_strings)
     check_media(loaded)
     return loaded, collator
-
-
-def reference_labels(messages, processor) -> list[int]:
-    """Labels built another way: render the conversation up to each assistant turn and measure.
-
-    The trained span of assistant turn k starts where the prompt for it (messages[:k] plus the
-    generation prompt) ends, and ends with the <|im_end|> that closes messages[:k+1].
-    """
-
-    def ids(conversation, generation_prompt=False):
-        text = processor.apply_chat_template(conversation, tokenize=False, add_generation_prompt=generation_prompt)
-        images = [load_image(p["image"]) for m in conversation for p in m["content"] if p["type"] == "image"]
-        return processor(text=[text], images=images or None)["input_ids"][0]
-
-    full = list(ids(messages))
-    labels = [IGNORE_INDEX] * len(full)
-    for k, message in enumerate(messages):
-        if message["role"] == "assistant":
-            start = len(ids(messages[:k], generation_prompt=True))
-            end = len(ids(messages[: k + 1])) - 1  # the template's newline after <|im_end|> is not trained
-            labels[start:end] = full[start:end]
-    return labels
 
 
 def conversations(tmp_path):
@@ -78,7 +55,7 @@ def conversations(tmp_path):
 def test_labels_cover_exactly_the_assistant_turns(tmp_path, processor, name):
     samples, collator = load(tmp_path, [conversations(tmp_path)[name]], processor)
     batch = collator(samples)
-    expected = reference_labels(samples[0].messages, processor)
+    expected = reference_labels(samples[0].messages, collator)
     assert batch["labels"][0].tolist() == expected
     trained = [t for t in expected if t != IGNORE_INDEX]
     answers = [m for m in samples[0].messages if m["role"] == "assistant"]

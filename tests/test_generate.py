@@ -35,7 +35,7 @@ def test_answers_every_sample_and_scores_exact_match(tmp_path, tiny_model, capsy
 def test_batched_answers_equal_one_at_a_time(tmp_path, tiny_model):
     picture(tmp_path, "a.png")
     picture(tmp_path, "b.png", "square", "blue", "bottom right", size=(140, 84))
-    answerer = generate.Answerer(tiny_model, None, None, generate.torch.device("cpu"))
+    answerer = generate.Answerer(tiny_model, generate.torch.device("cpu"))
     conversations = [
         [
             {
