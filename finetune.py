@@ -62,7 +62,9 @@ def forward_backward(model, window: list[dict], dist: Dist, autocast) -> tuple[t
                 reduction="sum",
             )
             if loss.requires_grad:  # false for a text-only micro-batch when only vision parts train
-                (loss / trained_tokens).backward()
+                # DDP and FSDP average gradients over ranks; the loss is already a share of the
+                # whole window's, so multiply the average back into a sum.
+                (loss * dist.world_size / trained_tokens).backward()
         loss_sum += loss.detach()
     return loss_sum, trained_tokens
 
@@ -87,17 +89,17 @@ def train(cfg: Config, dist: Dist):
     # Data: every sample is read and checked (structure, media, length) before the model loads,
     # so bad input stops the run in seconds rather than after minutes of loading weights.
     processor = load_processor(cfg.model, cfg.min_pixels, cfg.max_pixels, cfg.video_max_pixels)
-    collator = Collator(processor, cfg.max_length, cfg.video())
+    collator = Collator(processor, cfg.max_length, cfg.video(), blank_image=dist.world_size > 1)
     samples = read_samples(cfg.data, cfg.media_root, collator.tokens.all_strings)
     check_media(samples, cfg.video(), collator.video_factor)
-    samples = collator.drop_overlong(samples)
+    samples = collator.drop_overlong(samples, quiet=not dist.is_main)
     if not samples:
         raise DataError(f"{cfg.data}: no sample fits in --max-length {cfg.max_length}")
 
     # Model: weights load in bf16 (4-bit for QLoRA) unless --precision fp32
     frozen = {"vision": cfg.freeze_vision, "merger": cfg.freeze_merger, "llm": cfg.freeze_llm}
     quantization = quantization_config(frozen) if cfg.qlora else None
-    model = load_model(cfg.model, cfg.precision, cfg.attn_implementation, dist.device, quantization)
+    model = load_model(cfg.model, cfg.precision, cfg.attn_implementation, dist.load_device, quantization)
     model.config.use_cache = False  # the KV cache only serves generation
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing needs no inputs that require grad, so it also works when the
@@ -113,6 +115,8 @@ def train(cfg: Config, dist: Dist):
     if cfg.precision == "bf16-mixed":
         cast_trainable(model, torch.float32)
     dist.print(trainable_table(model))
+    # DDP or FSDP in a distributed run; as it is in one process.
+    model = dist.wrap(model, torch.float32 if cfg.precision == "fp32" else torch.bfloat16)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     # Optimizer
@@ -156,7 +160,7 @@ def train(cfg: Config, dist: Dist):
 
         # Logging: the .item() calls below are the step's only waits on the device.
         loss = (dist.all_reduce_sum(loss_sum) / trained_tokens).item()
-        tokens = sum(int(batch["attention_mask"].sum()) for batch in window) * dist.world_size
+        tokens = int(dist.all_reduce_sum(sum(batch["attention_mask"].sum() for batch in window).to(dist.device)))
         record = {
             "step": step,
             "epoch": round(step * cfg.grad_accum / len(loader), 4),
@@ -176,9 +180,10 @@ def train(cfg: Config, dist: Dist):
 
     # Save: a transformers checkpoint, or with LoRA a peft adapter (plus modules trained in full),
     # that from_pretrained loads as it is.
+    state_dict = dist.full_state_dict(model)  # FSDP gathers the shards (all ranks); else None
     if dist.is_main:
         metrics.close()
-        model.save_pretrained(out)
+        dist.unwrap(model).save_pretrained(out, state_dict=state_dict)
         processor.save_pretrained(out)
         dist.print(f"saved the fine-tuned model to {out}")
     return model
@@ -186,6 +191,8 @@ def train(cfg: Config, dist: Dist):
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(argv, description=__doc__.splitlines()[0])
+    if cfg.fsdp:
+        sys.exit("error: --fsdp shards the model over several processes: run finetune_distributed.py with torchrun")
     try:
         train(cfg, single_device())
     except (DataError, ModelUnavailable, ConfigError) as e:

@@ -7,12 +7,13 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 python="${PYTHON:-python}"
+train="${TRAIN:-$python finetune.py}"  # finetune_distributed.sh sets a torchrun command here
 
 if [[ "${MODEL:-}" == "tiny" ]]; then
     tiny_dir="$(mktemp -d)"
     trap 'rm -rf "$tiny_dir"' EXIT
     "$python" -m qwen_ft.tiny "$tiny_dir"
-    "$python" finetune.py --model "$tiny_dir" --output-dir output-tiny "$@"
+    $train --model "$tiny_dir" --output-dir output-tiny "$@"
     exit
 fi
-exec "$python" finetune.py ${MODEL:+--model "$MODEL"} "$@"
+exec $train ${MODEL:+--model "$MODEL"} "$@"

@@ -7,6 +7,7 @@ import sys
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 from transformers.video_utils import VideoMetadata
 
 from qwen_ft.data import Sample
@@ -74,9 +75,10 @@ def assistant_labels(ids: list[int], tokens: SpecialTokens) -> list[int]:
 class Collator:
     """Turns a list of samples into one right-padded batch with labels."""
 
-    def __init__(self, processor, max_length: int, video: VideoSettings | None = None):
+    def __init__(self, processor, max_length: int, video: VideoSettings | None = None, blank_image: bool = False):
         self.processor = processor
         self.max_length = max_length
+        self.blank_image = blank_image  # give batches without images one, masked out (add_blank_image)
         self.video = video or VideoSettings()  # defaults for video parts; a sample's own keys override them
         self.tokens = SpecialTokens.from_tokenizer(processor.tokenizer)
         video_processor = processor.video_processor
@@ -100,7 +102,8 @@ class Collator:
             videos=[frames for frames, _ in videos] or None,
             # The sample fps gives Qwen2.5-VL its seconds per temporal patch (second_per_grid_ts).
             video_metadata=[VideoMetadata(total_num_frames=len(f), fps=fps) for f, fps in videos] or None,
-            videos_kwargs={"do_resize": False},  # load_video already applied the per-video pixel budget
+            # load_video already applied the per-video pixel budget (what cap_pixels_per_frame asks for).
+            videos_kwargs={"do_resize": False, "cap_pixels_per_frame": True},
             padding=True,
             padding_side=padding_side,
             return_tensors="pt",
@@ -118,7 +121,36 @@ class Collator:
         for row, ids in enumerate(rows):
             labels[row, : len(ids)] = torch.tensor(assistant_labels(ids, self.tokens))
         batch["labels"] = labels
+        if self.blank_image and "pixel_values" not in batch and "pixel_values_videos" not in batch:
+            batch = self.add_blank_image(batch)
         return batch
+
+    def add_blank_image(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The batch with a blank image after the first row's last token, masked out of attention and loss.
+
+        In a distributed run every rank must run the same modules in the same order: DDP reduces
+        their gradients, FSDP gathers their weights just before they run. A batch without images
+        would skip the vision tower while another rank runs it; with this one it runs too, and
+        contributes nothing (no token attends to the image, and it has no labels).
+        """
+        image_processor = self.processor.image_processor
+        side = image_processor.patch_size * image_processor.merge_size
+        image = image_processor(images=[Image.new("RGB", (side, side))], return_tensors="pt")
+        placeholders = int(image["image_grid_thw"].prod()) // image_processor.merge_size**2
+        tokens = torch.tensor(
+            [self.tokens.vision_start, *[self.tokens.image_pad] * placeholders, self.tokens.vision_end]
+        )
+        rows = batch["input_ids"].shape[0]
+        columns = {
+            "input_ids": torch.full((rows, len(tokens)), self.processor.tokenizer.pad_token_id),
+            "attention_mask": torch.zeros(rows, len(tokens), dtype=torch.long),
+            "labels": torch.full((rows, len(tokens)), IGNORE_INDEX),
+            "mm_token_type_ids": torch.zeros(rows, len(tokens), dtype=torch.long),
+        }
+        columns["input_ids"][0] = tokens
+        columns["mm_token_type_ids"][0] = (tokens == self.tokens.image_pad).long()  # 1: an image token
+        batch = {k: torch.cat([v, columns[k].to(v.dtype)], dim=1) if k in columns else v for k, v in batch.items()}
+        return {**batch, "pixel_values": image["pixel_values"], "image_grid_thw": image["image_grid_thw"]}
 
     def image_tokens(self, height: int, width: int) -> int:
         """Placeholder tokens the processor gives an image of this size (after Qwen's smart resize)."""
@@ -146,8 +178,9 @@ class Collator:
             expanded.extend([token] * next(counts[token]) if token in counts else [token])
         return expanded
 
-    def drop_overlong(self, samples: list[Sample]) -> list[Sample]:
-        """Samples that fit in max_length, cutting only text after the last image; warns about the rest."""
+    def drop_overlong(self, samples: list[Sample], quiet: bool = False) -> list[Sample]:
+        """Samples that fit in max_length, cutting only text after the last image; warns about the rest
+        (unless quiet: in every process but the first of a distributed run)."""
         kept, skipped, cut = [], [], 0
         for sample in samples:
             ids = self.token_ids(sample)
@@ -159,14 +192,14 @@ class Collator:
                     continue
                 cut += 1
             kept.append(sample)
-        if skipped:
+        if skipped and not quiet:
             print(
                 f"warning: skipped {len(skipped)} of {len(samples)} samples longer than --max-length "
                 f"{self.max_length} whose images or answers would be cut (first: {skipped[0].where}); "
                 "raise --max-length or lower --max-pixels to keep them",
                 file=sys.stderr,
             )
-        if cut:
+        if cut and not quiet:
             print(
                 f"warning: cut the text after the last image of {cut} samples to --max-length {self.max_length}",
                 file=sys.stderr,

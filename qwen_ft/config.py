@@ -82,6 +82,11 @@ class Config:
     )
     dora: bool = option(False, "weight-decomposed LoRA (DoRA) adapters")
 
+    # Distributed (finetune_distributed.py)
+    fsdp: bool = option(
+        False, "shard weights, gradients and optimizer state over the GPUs (FSDP2), for full fine-tuning"
+    )
+
     # Run
     seed: int = option(42, "seed for weights init of new modules, data order and dropout")
     shuffle: bool = option(True, "shuffle the data each epoch")
@@ -98,6 +103,8 @@ class Config:
             raise ValueError("--video-fps must be positive and --video-max-pixels at least --min-pixels")
         if self.qlora:
             self.lora = True  # QLoRA is LoRA on a 4-bit base
+        if self.fsdp and self.lora:
+            raise ValueError("--fsdp is for full fine-tuning; LoRA and QLoRA runs fit one GPU each and use DDP")
         if self.lr <= 0 or self.warmup_steps < 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
             raise ValueError("--lr must be positive; --warmup-steps, --weight-decay and --max-grad-norm not negative")
 

@@ -182,3 +182,21 @@ def test_gradient_checkpointing_leaves_the_losses_unchanged(tmp_path, tiny_model
     assert model.is_activation_checkpointing
     plain, checkpointed = metrics(tmp_path / "plain"), metrics(tmp_path / "checkpointed")
     assert [m["loss"] for m in checkpointed] == pytest.approx([m["loss"] for m in plain], rel=1e-5)
+
+
+def test_a_blank_image_leaves_the_outputs_of_a_text_only_batch_unchanged(tmp_path, tiny_model, processor):
+    """Distributed runs give text-only batches a masked-out blank image; it must change nothing."""
+    samples = read_samples(small_dataset(tmp_path))
+    text_only = [s for s in samples if not s.media("image")]
+    check_media(text_only)
+    plain = Collator(processor, 4096)(text_only)
+    blank = Collator(processor, 4096, blank_image=True)(text_only)
+    assert "pixel_values" not in plain and "pixel_values" in blank
+    model = load_model(tiny_model, "fp32", "sdpa", torch.device("cpu"))
+    length = plain["input_ids"].shape[1]
+    with torch.no_grad():
+        expected = model(**{k: v for k, v in plain.items() if k != "labels"}).logits
+        got = model(**{k: v for k, v in blank.items() if k != "labels"}).logits[:, :length]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(blank["labels"][:, :length], plain["labels"])
+    assert (blank["labels"][:, length:] == IGNORE_INDEX).all()

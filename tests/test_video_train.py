@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 from helpers import picture, qa, reference_labels, write_json
 
 import finetune
@@ -138,7 +137,17 @@ def test_inspect_and_generate_handle_video(tmp_path, tiny_model, capsys):
     inspect_data.main(["--model", tiny_model, "--data", data, "--json"])
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["video_tokens"] for r in rows] == [0, 32, 32, 0]
-    generate.main(["--model", tiny_model, "--video", str(tmp_path / "clip.mp4"), "--prompt", "Which way?",
-                   "--max-new-tokens", "3"])
+    generate.main(
+        [
+            "--model",
+            tiny_model,
+            "--video",
+            str(tmp_path / "clip.mp4"),
+            "--prompt",
+            "Which way?",
+            "--max-new-tokens",
+            "3",
+        ]
+    )
     generate.main(["--model", tiny_model, "--data", data, "--max-new-tokens", "3"])
     assert "exact match:" in capsys.readouterr().out
