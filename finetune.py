@@ -22,9 +22,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from qwen_ft.checkpoint import check_resume_config, find_checkpoint, load_checkpoint, open_metrics, save_checkpoint
 from qwen_ft.collate import IGNORE_INDEX, Collator
 from qwen_ft.config import Config, ConfigError, parse_config
-from qwen_ft.data import DataError, check_media, read_samples
+from qwen_ft.data import BadSample, DataError, check_media, read_samples
 from qwen_ft.dist import Dist, single_device
 from qwen_ft.lora import add_lora, quantization_config
 from qwen_ft.model import (
@@ -36,6 +37,7 @@ from qwen_ft.model import (
     trainable_table,
 )
 from qwen_ft.optim import make_optimizer, make_scheduler
+from qwen_ft.stop import RunStopped, StopSignal, ignore_signals, out_of_memory
 
 
 def forward_backward(model, window: list[dict], dist: Dist, autocast) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,16 +71,36 @@ def forward_backward(model, window: list[dict], dist: Dist, autocast) -> tuple[t
     return loss_sum, trained_tokens
 
 
-def cycle(loader: DataLoader, sampler: DistributedSampler):
-    """Micro-batches without end, in a new order each epoch (fixed by the seed and the epoch)."""
-    for epoch in itertools.count():
+def micro_batches(samples, sampler: DistributedSampler, collator: Collator, cfg: Config, start: int):
+    """Micro-batches without end, from the start-th on (a resumed run skips what it already took),
+    in a new order each epoch, fixed by the seed and the epoch."""
+    per_epoch = math.ceil(len(sampler) / cfg.batch_size)
+    first_epoch, skip = divmod(start, per_epoch)
+    for epoch in itertools.count(first_epoch):
         sampler.set_epoch(epoch)
-        yield from loader
+        order = list(sampler)[skip * cfg.batch_size :]  # skipping indices loads nothing
+        skip = 0
+        yield from DataLoader(
+            samples,
+            batch_size=cfg.batch_size,
+            sampler=order,
+            collate_fn=collator,
+            num_workers=cfg.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            worker_init_fn=ignore_signals,
+            # Its own generator: drawing worker seeds from the global one would make a resumed run's
+            # random numbers differ from those of a run never interrupted.
+            generator=torch.Generator().manual_seed(cfg.seed + epoch),
+        )
 
 
 def train(cfg: Config, dist: Dist):
     out = Path(cfg.output_dir)
     dist.print(json.dumps(dataclasses.asdict(cfg), indent=1))
+    resume_from = find_checkpoint(cfg.resume, out) if cfg.resume else None
+    if resume_from:  # before anything loads: a config that can't resume exactly stops here
+        changes = check_resume_config(resume_from, cfg)
+        dist.print(f"resuming from {resume_from}" + (f", with changes: {'; '.join(changes)}" if changes else ""))
 
     # Seed: the same seed gives the same data order and dropout.
     random.seed(cfg.seed)
@@ -88,7 +110,7 @@ def train(cfg: Config, dist: Dist):
 
     # Data: every sample is read and checked (structure, media, length) before the model loads,
     # so bad input stops the run in seconds rather than after minutes of loading weights.
-    processor = load_processor(cfg.model, cfg.min_pixels, cfg.max_pixels, cfg.video_max_pixels)
+    processor = load_processor(cfg.model, cfg.min_pixels, cfg.max_pixels, cfg.video_max_pixels, cfg.trust_remote_code)
     collator = Collator(processor, cfg.max_length, cfg.video(), blank_image=dist.world_size > 1)
     samples = read_samples(cfg.data, cfg.media_root, collator.tokens.all_strings)
     check_media(samples, cfg.video(), collator.video_factor)
@@ -99,7 +121,9 @@ def train(cfg: Config, dist: Dist):
     # Model: weights load in bf16 (4-bit for QLoRA) unless --precision fp32
     frozen = {"vision": cfg.freeze_vision, "merger": cfg.freeze_merger, "llm": cfg.freeze_llm}
     quantization = quantization_config(frozen) if cfg.qlora else None
-    model = load_model(cfg.model, cfg.precision, cfg.attn_implementation, dist.load_device, quantization)
+    model = load_model(
+        cfg.model, cfg.precision, cfg.attn_implementation, dist.load_device, quantization, cfg.trust_remote_code
+    )
     model.config.use_cache = False  # the KV cache only serves generation
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing needs no inputs that require grad, so it also works when the
@@ -119,64 +143,87 @@ def train(cfg: Config, dist: Dist):
     model = dist.wrap(model, torch.float32 if cfg.precision == "fp32" else torch.bfloat16)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
-    # Optimizer
+    # Optimizer and schedule; the sampler deals the samples to the ranks (all of them, with one).
     part_lr = {"vision": cfg.vision_lr, "merger": cfg.merger_lr}
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, dist.device, part_lr)
-
-    # Data loader: the sampler shuffles by seed and epoch; one process is a world of one.
-    sampler = DistributedSampler(
-        samples, num_replicas=dist.world_size, rank=dist.rank, shuffle=cfg.shuffle, seed=cfg.seed
-    )
-    loader = DataLoader(
-        samples,
-        batch_size=cfg.batch_size,
-        sampler=sampler,
-        collate_fn=collator,
-        num_workers=cfg.num_workers,
-        pin_memory=dist.device.type == "cuda",
-        persistent_workers=cfg.num_workers > 0,
-    )
-    total_steps = cfg.max_steps or math.ceil(cfg.epochs * len(loader) / cfg.grad_accum)
+    sampler = DistributedSampler(samples, dist.world_size, dist.rank, shuffle=cfg.shuffle, seed=cfg.seed)
+    batches_per_epoch = math.ceil(len(sampler) / cfg.batch_size)
+    total_steps = cfg.max_steps or math.ceil(cfg.epochs * batches_per_epoch / cfg.grad_accum)
     scheduler = make_scheduler(optimizer, cfg.warmup_steps, total_steps)
-    batches = cycle(loader, sampler)
+
+    # Resume: weights, optimizer, schedule, random state and data position of the checkpoint.
+    start_step, counters = 0, {"bad_steps": 0, "skipped_samples": 0}
+    if resume_from:
+        state = load_checkpoint(resume_from, model, optimizer, scheduler, dist)
+        start_step, counters = state["step"], {name: state[name] for name in counters}
+    batches = micro_batches(samples, sampler, collator, cfg, start=start_step * cfg.grad_accum)
 
     # Loop: `step` counts optimizer steps; each takes grad_accum micro-batches.
     out.mkdir(parents=True, exist_ok=True)
     if dist.is_main:
         cfg.save(out / "train_config.json")
-    metrics = open(out / "metrics.jsonl", "w") if dist.is_main else None
+    metrics = open_metrics(out / "metrics.jsonl", start_step if resume_from else None) if dist.is_main else None
     autocast = partial(torch.autocast, dist.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16-mixed")
-    progress = tqdm(total=total_steps, disable=not dist.is_main, desc="train", dynamic_ncols=True)
+    progress = tqdm(total=total_steps, initial=start_step, disable=not dist.is_main, desc="train", dynamic_ncols=True)
+    stop, bad_in_a_row = StopSignal(), 0  # SIGTERM or SIGINT: finish the step, save a checkpoint, exit
     model.train()
-    for step in range(1, total_steps + 1):
-        start = time.perf_counter()
-        window = [next(batches) for _ in range(cfg.grad_accum)]
-        lr = scheduler.get_last_lr()[0]
-        loss_sum, trained_tokens = forward_backward(model, window, dist, autocast)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or math.inf)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+    try:
+        for step in range(start_step + 1, total_steps + 1):
+            began = time.perf_counter()
+            window = [next(batches) for _ in range(cfg.grad_accum)]
+            bad_samples = [problem for batch in window for problem in batch.pop("bad_samples")]
+            if bad_samples and not cfg.skip_bad_samples:
+                raise BadSample(f"{bad_samples[0]} (--skip-bad-samples skips such samples)")
+            lr = scheduler.get_last_lr()[0]
+            loss_sum, trained_tokens = forward_backward(model, window, dist, autocast)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or math.inf)
+            # A non-finite gradient norm (the same on every rank) skips the update. .item() and the
+            # logging below are the step's only waits on the device.
+            finite = torch.isfinite(grad_norm).item()
+            if finite:
+                optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
 
-        # Logging: the .item() calls below are the step's only waits on the device.
-        loss = (dist.all_reduce_sum(loss_sum) / trained_tokens).item()
-        tokens = int(dist.all_reduce_sum(sum(batch["attention_mask"].sum() for batch in window).to(dist.device)))
-        record = {
-            "step": step,
-            "epoch": round(step * cfg.grad_accum / len(loader), 4),
-            "loss": loss,
-            "lr": lr,
-            "grad_norm": grad_norm.item(),
-            "trained_tokens": int(trained_tokens.item()),
-            "tokens": tokens,
-            "tokens_per_s": round(tokens / (time.perf_counter() - start), 1),
-        }
-        if dist.is_main:
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-            progress.update()
-    progress.close()
+            loss = (dist.all_reduce_sum(loss_sum) / trained_tokens).item()
+            counts = torch.tensor([sum(int(b["attention_mask"].sum()) for b in window), len(bad_samples)])
+            tokens, skipped = dist.all_reduce_sum(counts.to(dist.device)).tolist()
+            bad_in_a_row = 0 if finite else bad_in_a_row + 1
+            counters["bad_steps"] += not finite
+            counters["skipped_samples"] += skipped
+            record = {
+                "step": step,
+                "epoch": round(step * cfg.grad_accum / batches_per_epoch, 4),
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": grad_norm.item(),
+                "trained_tokens": int(trained_tokens.item()),
+                "tokens": tokens,
+                "tokens_per_s": round(tokens / (time.perf_counter() - began), 1),
+                "skipped_step": not finite,
+                **counters,
+            }
+            if dist.is_main:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+                progress.update()
+            if bad_in_a_row >= cfg.max_bad_steps:
+                raise RunStopped(
+                    f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (up to step "
+                    f"{step}); the last checkpoint holds the last good weights. Try a lower --lr"
+                )
+            stopping = stop.requested(dist)
+            if stopping or (cfg.save_every and step % cfg.save_every == 0):
+                folder = save_checkpoint(out, step, model, optimizer, scheduler, dist, cfg, counters)
+            if stopping:
+                dist.print(f"stopped after step {step}, saved {folder}; run the same command with --resume to go on")
+                return model
+    except torch.OutOfMemoryError:
+        raise out_of_memory(step) from None
+    finally:
+        stop.restore()
+        progress.close()
 
     # Save: a transformers checkpoint, or with LoRA a peft adapter (plus modules trained in full),
     # that from_pretrained loads as it is.
@@ -185,7 +232,8 @@ def train(cfg: Config, dist: Dist):
         metrics.close()
         dist.unwrap(model).save_pretrained(out, state_dict=state_dict)
         processor.save_pretrained(out)
-        dist.print(f"saved the fine-tuned model to {out}")
+        summary = f"{counters['bad_steps']} non-finite steps skipped, {counters['skipped_samples']} bad samples skipped"
+        dist.print(f"saved the fine-tuned model to {out} ({summary})")
     return model
 
 
@@ -195,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("error: --fsdp shards the model over several processes: run finetune_distributed.py with torchrun")
     try:
         train(cfg, single_device())
-    except (DataError, ModelUnavailable, ConfigError) as e:
+    except (DataError, ModelUnavailable, ConfigError, RunStopped) as e:
         sys.exit(f"error: {e}")
 
 

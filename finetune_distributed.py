@@ -16,9 +16,10 @@ import torch.distributed as torch_dist
 
 from finetune import train
 from qwen_ft.config import ConfigError, parse_config
-from qwen_ft.data import DataError
+from qwen_ft.data import BadSample, DataError
 from qwen_ft.dist import init_distributed
 from qwen_ft.model import ModelUnavailable
+from qwen_ft.stop import RunStopped
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,9 +27,11 @@ def main(argv: list[str] | None = None) -> None:
     dist = init_distributed(fsdp=cfg.fsdp)
     try:
         train(cfg, dist)
-    except (DataError, ModelUnavailable, ConfigError) as e:
-        # Every rank meets the same bad input; one message is enough.
-        dist.print(f"error: {e}", file=sys.stderr)
+    except (DataError, ModelUnavailable, ConfigError, RunStopped) as e:
+        # Every rank meets the same bad input and the same stop; one message is enough. A sample
+        # that fails to load while training fails on one rank only, which says so.
+        if dist.is_main or isinstance(e, BadSample):
+            print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     finally:
         torch_dist.destroy_process_group()

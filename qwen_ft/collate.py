@@ -11,8 +11,8 @@ from PIL import Image
 from transformers.video_utils import VideoMetadata
 
 from qwen_ft.data import Sample
-from qwen_ft.media import load_image
-from qwen_ft.video import VideoSettings, load_video
+from qwen_ft.media import MediaError, load_image
+from qwen_ft.video import VideoError, VideoSettings, load_video
 
 IGNORE_INDEX = -100  # label of positions that don't count in the loss (cross_entropy's ignore_index)
 # Per-token tensors of a processor batch; the rest (pixel_values, *_grid_thw) are per image or video.
@@ -87,15 +87,22 @@ class Collator:
     def text(self, sample: Sample) -> str:
         return self.processor.apply_chat_template(sample.messages, tokenize=False)
 
-    def process(self, conversations: list[list[dict]], generation_prompt=False, padding_side="right"):
-        """The processor's batch for these conversations, their images and videos loaded."""
+    def media(self, conversation: list[dict]) -> tuple[list, list]:
+        """A conversation's images and videos (frames, sample fps), loaded; MediaError if one fails."""
+        parts = [part for message in conversation for part in message["content"]]
+        images = [load_image(part["image"]) for part in parts if part["type"] == "image"]
+        videos = [self.load_video(part) for part in parts if part["type"] == "video"]
+        return images, videos
+
+    def process(self, conversations: list[list[dict]], generation_prompt=False, padding_side="right", media=None):
+        """The processor's batch for these conversations, with their media (loaded here unless given)."""
         texts = [
             self.processor.apply_chat_template(c, tokenize=False, add_generation_prompt=generation_prompt)
             for c in conversations
         ]
-        parts = [p for c in conversations for message in c for p in message["content"]]
-        images = [load_image(p["image"]) for p in parts if p["type"] == "image"]
-        videos = [self.load_video(p) for p in parts if p["type"] == "video"]
+        media = media if media is not None else [self.media(c) for c in conversations]
+        images = [image for sample_images, _ in media for image in sample_images]
+        videos = [video for _, sample_videos in media for video in sample_videos]
         return self.processor(
             text=texts,
             images=images or None,
@@ -109,8 +116,22 @@ class Collator:
             return_tensors="pt",
         )
 
-    def __call__(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
-        batch = self.process([sample.messages for sample in samples])
+    def __call__(self, samples: list[Sample]) -> dict:
+        """The batch, and under "bad_samples" one line for each sample whose media failed to load
+        (left out of the batch; the loop decides whether that stops the run)."""
+        kept, media, bad = [], [], []
+        for sample in samples:
+            try:
+                media.append(self.media(sample.messages))
+                kept.append(sample)
+            except MediaError as e:
+                bad.append(f"{sample.where}: {'video' if isinstance(e, VideoError) else 'image'} {e}")
+        if not kept:  # every sample failed: one padding token that trains nothing keeps the step going
+            pad = self.processor.tokenizer.pad_token_id
+            batch = {"input_ids": torch.tensor([[pad]]), "attention_mask": torch.ones(1, 1, dtype=torch.long)}
+            batch["mm_token_type_ids"] = torch.zeros(1, 1, dtype=torch.long)
+        else:
+            batch = self.process([sample.messages for sample in kept], media=media)
         batch = dict(batch)
         # drop_overlong() kept only samples whose images end within max_length, so this cuts text alone.
         for key in TOKEN_KEYS:
@@ -123,7 +144,7 @@ class Collator:
         batch["labels"] = labels
         if self.blank_image and "pixel_values" not in batch and "pixel_values_videos" not in batch:
             batch = self.add_blank_image(batch)
-        return batch
+        return {**batch, "bad_samples": bad}
 
     def add_blank_image(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The batch with a blank image after the first row's last token, masked out of attention and loss.

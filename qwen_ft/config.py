@@ -87,6 +87,20 @@ class Config:
         False, "shard weights, gradients and optimizer state over the GPUs (FSDP2), for full fine-tuning"
     )
 
+    # Checkpoints and faults
+    save_every: int = option(500, "write a checkpoint every this many optimizer steps (0: only on SIGTERM/SIGINT)")
+    keep_last: int = option(2, "checkpoints kept; older ones are removed once a newer one is complete")
+    resume: str | None = option(
+        None,
+        "resume from the latest checkpoint in --output-dir, or from the checkpoint folder given",
+        nargs="?",
+        const="latest",
+        metavar="PATH",
+    )
+    max_bad_steps: int = option(5, "stop after this many steps in a row with a non-finite loss or gradient")
+    skip_bad_samples: bool = option(False, "skip a sample whose media fails to load during training (else stop)")
+    trust_remote_code: bool = option(False, "let transformers run code that comes with the model (off: only its own)")
+
     # Run
     seed: int = option(42, "seed for weights init of new modules, data order and dropout")
     shuffle: bool = option(True, "shuffle the data each epoch")
@@ -94,6 +108,7 @@ class Config:
 
     def __post_init__(self):
         positive = ["epochs", "batch_size", "grad_accum", "max_length", "min_pixels", "max_pixels", "video_max_frames"]
+        positive += ["keep_last", "max_bad_steps"]
         for name in positive + (["max_steps"] if self.max_steps is not None else []):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -105,8 +120,16 @@ class Config:
             self.lora = True  # QLoRA is LoRA on a 4-bit base
         if self.fsdp and self.lora:
             raise ValueError("--fsdp is for full fine-tuning; LoRA and QLoRA runs fit one GPU each and use DDP")
-        if self.lr <= 0 or self.warmup_steps < 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
-            raise ValueError("--lr must be positive; --warmup-steps, --weight-decay and --max-grad-norm not negative")
+        if (
+            self.lr <= 0
+            or self.warmup_steps < 0
+            or self.weight_decay < 0
+            or self.max_grad_norm < 0
+            or self.save_every < 0
+        ):
+            raise ValueError(
+                "--lr must be positive; --warmup-steps, --weight-decay, --max-grad-norm and --save-every not negative"
+            )
 
     def video(self) -> VideoSettings:
         """The defaults for a sample's video parts."""

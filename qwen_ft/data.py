@@ -27,6 +27,10 @@ class DataError(Exception):
     """Bad input data; str() is a one-line message for the user."""
 
 
+class BadSample(DataError):
+    """A sample whose media passed the checks but failed to load during training."""
+
+
 @dataclass
 class Sample:
     """One conversation with its content normalised to lists of parts and media references resolved."""

@@ -41,7 +41,11 @@ def check_available(name: str, timeout_s: float = 5.0) -> None:
 
 
 def load_processor(
-    name: str, min_pixels: int | None = None, max_pixels: int | None = None, video_max_pixels: int | None = None
+    name: str,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    video_max_pixels: int | None = None,
+    trust_remote_code: bool = False,
 ):
     """The model's processor, with Qwen's smart resize bounded by [min_pixels, max_pixels] where given
     (video frames by [min_pixels, video_max_pixels]).
@@ -50,7 +54,7 @@ def load_processor(
     resolution at inference as in training.
     """
     check_available(name)
-    processor = AutoProcessor.from_pretrained(name)
+    processor = AutoProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
     for sub, largest in ((processor.image_processor, max_pixels), (processor.video_processor, video_max_pixels)):
         size = dict(sub.size)
         sub.size = {
@@ -66,6 +70,7 @@ def load_model(
     attn_implementation: str,
     device: torch.device,
     quantization_config: BitsAndBytesConfig | None = None,
+    trust_remote_code: bool = False,
 ):
     """The model on `device`, weights in bf16 unless precision is fp32 (4-bit where quantization_config says).
 
@@ -79,6 +84,7 @@ def load_model(
         attn_implementation=attn_implementation,
         quantization_config=quantization_config,
         device_map={"": device},
+        trust_remote_code=trust_remote_code,
     )
 
 

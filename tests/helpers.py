@@ -48,3 +48,10 @@ def reference_labels(messages, collator) -> list[int]:
             end = length(messages[: k + 1]) - 1  # the template's newline after <|im_end|> is not trained
             labels[start:end] = full[start:end]
     return labels
+
+
+def collate(collator, samples) -> dict:
+    """The collator's batch as the loop hands it to the model: no sample failed, the list of failures removed."""
+    batch = collator(samples)
+    assert batch.pop("bad_samples") == []
+    return batch

@@ -3,7 +3,7 @@ from functools import partial
 
 import pytest
 import torch
-from helpers import picture, qa, write_json
+from helpers import collate, picture, qa, write_json
 from peft import PeftModel
 from transformers import AutoModelForImageTextToText
 
@@ -136,7 +136,7 @@ def test_gradient_checkpointing_with_lora_gives_gradients_to_every_trainable_par
     samples = read_samples(dataset(tmp_path))
     check_media(samples)
     autocast = partial(torch.autocast, "cpu", dtype=torch.bfloat16)
-    finetune.forward_backward(model, [Collator(processor, 4096)(samples)], single_device(), autocast)
+    finetune.forward_backward(model, [collate(Collator(processor, 4096), samples)], single_device(), autocast)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert any(".lora_B." in n for n in params) and any("merger" in n for n in params)
     # lora_B starts at zero, so lora_A's gradient is zero on the first step; B's and the merger's are not.
@@ -198,7 +198,7 @@ def test_merged_model_gives_the_logits_of_base_plus_adapter(tmp_path, tiny_model
 
     samples = read_samples(dataset(folder))
     check_media(samples)
-    batch = Collator(processor, 4096)(samples)
+    batch = collate(Collator(processor, 4096), samples)
     batch.pop("labels")
     base = AutoModelForImageTextToText.from_pretrained(tiny_model, dtype=torch.float32)
     with torch.no_grad():

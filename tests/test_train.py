@@ -3,7 +3,7 @@ from functools import partial
 
 import pytest
 import torch
-from helpers import picture, qa, write_json
+from helpers import collate, picture, qa, write_json
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import finetune
@@ -48,8 +48,8 @@ def test_two_micro_batches_of_one_give_the_gradients_of_one_batch_of_two(tmp_pat
         loss_sum, trained_tokens = finetune.forward_backward(model, window, single_device(), no_autocast)
         return loss_sum / trained_tokens, [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
-    loss_accumulated, accumulated = gradients([collator([first]), collator([second])])
-    loss_batched, batched = gradients([collator([first, second])])
+    loss_accumulated, accumulated = gradients([collate(collator, [first]), collate(collator, [second])])
+    loss_batched, batched = gradients([collate(collator, [first, second])])
 
     torch.testing.assert_close(loss_accumulated, loss_batched, rtol=1e-5, atol=1e-6)
     assert len(accumulated) == len(batched) > 0
@@ -58,7 +58,7 @@ def test_two_micro_batches_of_one_give_the_gradients_of_one_batch_of_two(tmp_pat
 
     # A per-micro-batch mean, the common mistake, weighs the shorter answer's tokens double and differs.
     model.zero_grad()
-    for batch in (collator([first]), collator([second])):
+    for batch in (collate(collator, [first]), collate(collator, [second])):
         labels = batch.pop("labels")
         logits = model(**batch).logits[:, :-1]
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
@@ -98,7 +98,7 @@ def test_bf16_mixed_computes_in_bf16(tmp_path, tiny_model, processor):
     seen = []
     model.lm_head.register_forward_hook(lambda module, args, output: seen.append(output.dtype))
     autocast = partial(torch.autocast, "cpu", dtype=torch.bfloat16)
-    finetune.forward_backward(model, [Collator(processor, 4096)(samples[:2])], single_device(), autocast)
+    finetune.forward_backward(model, [collate(Collator(processor, 4096), samples[:2])], single_device(), autocast)
     assert seen == [torch.bfloat16]
     assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
 
@@ -189,8 +189,8 @@ def test_a_blank_image_leaves_the_outputs_of_a_text_only_batch_unchanged(tmp_pat
     samples = read_samples(small_dataset(tmp_path))
     text_only = [s for s in samples if not s.media("image")]
     check_media(text_only)
-    plain = Collator(processor, 4096)(text_only)
-    blank = Collator(processor, 4096, blank_image=True)(text_only)
+    plain = collate(Collator(processor, 4096), text_only)
+    blank = collate(Collator(processor, 4096, blank_image=True), text_only)
     assert "pixel_values" not in plain and "pixel_values" in blank
     model = load_model(tiny_model, "fp32", "sdpa", torch.device("cpu"))
     length = plain["input_ids"].shape[1]
