@@ -1,7 +1,9 @@
-"""Fine-tune a Qwen2-VL-family model on images and text: the whole training loop, in one file.
+"""Fine-tune a Qwen2-VL-family model on images, video and text: the whole training loop, in one file.
 
-Read it top to bottom: config -> seed -> model -> freezing -> optimizer -> data -> loop -> save.
-finetune_distributed.py runs this same train() in every process of a torchrun job.
+Read train() top to bottom: config -> seed -> data (checked before the model loads) -> model ->
+freezing or LoRA -> optimizer and schedule -> resume -> loop -> save. The step itself is the loop
+with forward_backward just above it. finetune_distributed.py runs this same train() in every
+process of a torchrun job.
 
     python finetune.py --model Qwen/Qwen2-VL-2B-Instruct --data train_data/data.json --output-dir output
 """
@@ -224,12 +226,13 @@ def train(cfg: Config, dist: Dist):
     finally:
         stop.restore()
         progress.close()
+        if metrics:
+            metrics.close()
 
     # Save: a transformers checkpoint, or with LoRA a peft adapter (plus modules trained in full),
     # that from_pretrained loads as it is.
     state_dict = dist.full_state_dict(model)  # FSDP gathers the shards (all ranks); else None
     if dist.is_main:
-        metrics.close()
         dist.unwrap(model).save_pretrained(out, state_dict=state_dict)
         processor.save_pretrained(out)
         summary = f"{counters['bad_steps']} non-finite steps skipped, {counters['skipped_samples']} bad samples skipped"

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from transformers.video_utils import VideoMetadata
 
+from qwen_ft.config import ConfigError
 from qwen_ft.data import Sample
 from qwen_ft.media import MediaError, load_image
 from qwen_ft.video import VideoError, VideoSettings, load_video
@@ -40,11 +41,11 @@ class SpecialTokens:
             token = f"<|{name}|>"
             token_id = tokenizer.convert_tokens_to_ids(token)
             if token_id is None or token_id == tokenizer.unk_token_id or tokenizer.decode([token_id]) != token:
-                raise ValueError(f"the tokenizer has no {token} token: this is not a Qwen2-VL-family chat model")
+                raise ConfigError(f"the tokenizer has no {token} token: this is not a Qwen2-VL-family chat model")
             ids[name] = token_id
         header = tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)
         if header[0] != ids["im_start"] or tokenizer.decode(header[-1:]) != "\n":
-            raise ValueError(f"unexpected tokenization of the assistant header: {header}")
+            raise ConfigError(f"unexpected tokenization of the assistant header: {header}")
         return cls(**ids, assistant_header=tuple(header[:-1]), all_strings=tuple(tokenizer.all_special_tokens))
 
 
