@@ -19,10 +19,9 @@ def data(folder) -> str:
 
 
 def train(tiny_model, folder, *flags):
-    args = ["--model", tiny_model, "--data", data(folder), "--output-dir", str(folder / "out"), *flags]
-    model = finetune.train(
-        parse_config([*args, "--max-steps", "20", "--lr", "2e-3", "--batch-size", "3"]), single_device()
-    )
+    args = ["--model", tiny_model, "--data", data(folder), "--output-dir", str(folder / "out")]
+    args += ["--max-steps", "20", "--lr", "2e-3", "--batch-size", "3", *flags]  # flags come last and win
+    model = finetune.train(parse_config(args), single_device())
     losses = [json.loads(line)["loss"] for line in (folder / "out" / "metrics.jsonl").read_text().splitlines()]
     return model, losses
 
@@ -39,12 +38,3 @@ def test_qlora_on_cuda_quantizes_the_llm_and_learns(tmp_path, tiny_model):
     q_proj = model.base_model.model.model.language_model.layers[0].self_attn.q_proj.base_layer
     assert type(q_proj).__name__ == "Linear4bit" and q_proj.weight.is_cuda
     assert losses[-1] < losses[0]
-
-
-def test_gradient_checkpointing_lowers_peak_memory(tmp_path, tiny_model):
-    peaks = []
-    for flags in ([], ["--gradient-checkpointing"]):
-        torch.cuda.reset_peak_memory_stats()
-        train(tiny_model, tmp_path / str(len(flags)), *flags, "--max-length", "4096")
-        peaks.append(torch.cuda.max_memory_allocated())
-    assert peaks[1] < peaks[0]
