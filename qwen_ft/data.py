@@ -3,6 +3,7 @@
 A data file is a JSON list, or a JSONL file, of samples like
     {"messages": [{"role": "system" | "user" | "assistant",
                    "content": "text" | [{"type": "image", "image": PATH_OR_URL},
+                                        {"type": "video", "video": FILE_OR_FOLDER, "fps": 2.0, ...},
                                         {"type": "text", "text": "..."}, ...]}, ...]}
 Every sample is checked up front: a problem becomes a DataError whose message names the
 file, the sample index (and line, for JSONL) and what is wrong.
