@@ -96,17 +96,8 @@ def test_trainable_parameters_per_mode(tmp_path, tiny_model, flags, lora_parts, 
 
 
 def test_only_a_named_layer_gets_adapters(tmp_path, tiny_model):
-    model = train(
-        tiny_model,
-        dataset(tmp_path),
-        tmp_path / "out",
-        "--max-steps",
-        "1",
-        "--lora",
-        "--freeze-merger",
-        "--lora-targets",
-        "q_proj,v_proj",
-    )
+    flags = ["--max-steps", "1", "--lora", "--freeze-merger", "--lora-targets", "q_proj,v_proj"]
+    model = train(tiny_model, dataset(tmp_path), tmp_path / "out", *flags)
     adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in model.named_parameters() if ".lora_A." in n}
     assert adapted == {"q_proj", "v_proj"}
 

@@ -137,18 +137,8 @@ def test_run_writes_metrics_config_and_a_model_transformers_loads(tmp_path, tiny
 
 
 def test_frozen_parts_do_not_change(tmp_path, tiny_model):
-    model = train(
-        tiny_model,
-        small_dataset(tmp_path),
-        tmp_path / "out",
-        "--max-steps",
-        "3",
-        "--lr",
-        "1e-3",
-        "--freeze-llm",
-        "--precision",
-        "fp32",
-    )
+    flags = ["--max-steps", "3", "--lr", "1e-3", "--freeze-llm", "--precision", "fp32"]
+    model = train(tiny_model, small_dataset(tmp_path), tmp_path / "out", *flags)
     base = load_model(tiny_model, "fp32", "sdpa", torch.device("cpu"))
     changed = {
         name.split(".")[1] if name.startswith("model.") else name.split(".")[0]
