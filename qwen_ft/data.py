@@ -55,6 +55,17 @@ class Sample:
         return [part[kind] for part in self.parts(kind)]
 
 
+def is_jsonl(path: Path, text: str) -> bool:
+    """A .jsonl file, or a .json one holding one object per line (a common mix-up)."""
+    if path.suffix == ".jsonl":
+        return True
+    first_line = text.lstrip().split("\n", 1)[0]
+    try:
+        return isinstance(json.loads(first_line), dict)
+    except json.JSONDecodeError:
+        return False
+
+
 def read_records(path: Path) -> list[tuple[int | None, object]]:
     """(line number or None, parsed record) for each sample of a JSON list or JSONL file."""
     try:
@@ -63,7 +74,7 @@ def read_records(path: Path) -> list[tuple[int | None, object]]:
         raise DataError(f"{path}: data file not found") from None
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read data file: {e}") from None
-    if path.suffix == ".jsonl":
+    if is_jsonl(path, text):
         records = []
         for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():

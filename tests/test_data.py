@@ -59,8 +59,9 @@ def test_bad_sample_stops_before_training_naming_file_sample_and_problem(tmp_pat
     assert f"{data}: sample 1: " in error and message in error
 
 
-def test_jsonl_errors_name_the_line(tmp_path, tiny_model):
-    data = tmp_path / "data.jsonl"
+@pytest.mark.parametrize("name", ["data.jsonl", "data.json"])  # one object per line, whatever the suffix
+def test_jsonl_errors_name_the_line(tmp_path, tiny_model, name):
+    data = tmp_path / name
     rows = [json.dumps(good(tmp_path)), "", json.dumps(BAD_SAMPLES["unknown role"][0])]
     data.write_text("\n".join(rows) + "\n")
     error = run_finetune(tiny_model, str(data), tmp_path / "out")
