@@ -294,13 +294,14 @@ def test_resuming_with_other_settings_refuses_or_says_what_changes(tmp_path, tin
     assert [r["step"] for r in rows(tmp_path / "out")] == list(range(1, 7))
 
 
-def test_ddp_kill_9_then_resume_equals_an_uninterrupted_ddp_run(tmp_path, tiny_model, reference):
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_ddp_kill_9_then_resume_equals_an_uninterrupted_ddp_run(tmp_path, tiny_model, reference, mode):
     data, _ = reference
-    uninterrupted = flags(tiny_model, data, tmp_path / "reference", "--batch-size", "1")
-    code, _, err = run(uninterrupted, distributed=True)
+    extra = ["--batch-size", "1", *(LORA if mode == "lora" else [])]
+    code, _, err = run(flags(tiny_model, data, tmp_path / "reference", *extra), distributed=True)
     assert code == 0, err[-3000:]
 
-    args = flags(tiny_model, data, tmp_path / "out", "--batch-size", "1")
+    args = flags(tiny_model, data, tmp_path / "out", *extra)
     process = launch(args, distributed=True)
     wait_for_steps(process, tmp_path / "out", 6)
     kill_tree(process)  # every process of the job, as a crashed node would
