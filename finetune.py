@@ -202,6 +202,7 @@ def train(cfg: Config, dist: Dist):
                 "trained_tokens": int(trained_tokens.item()),
                 "tokens": tokens,
                 "tokens_per_s": round(tokens / (time.perf_counter() - began), 1),
+                "peak_memory_gib": dist.peak_memory_gib(),
                 "skipped_step": not finite,
                 **counters,
             }

@@ -36,6 +36,12 @@ class Dist:
         if self.is_main:
             print(*args, **kwargs, flush=True)
 
+    def peak_memory_gib(self) -> float | None:
+        """The most GPU memory tensors have held at once since the run began (None on the CPU)."""
+        if self.device.type != "cuda":
+            return None
+        return round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
+
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
             torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
