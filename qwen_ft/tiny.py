@@ -4,6 +4,10 @@ The result is a complete model directory (config, safetensors weights, tokenizer
 Qwen's special tokens and chat template, image and video processor configs, generation
 config), loaded by the same `from_pretrained` code that loads a real Qwen2-VL model.
 It is small enough for a training step to take a fraction of a second on the CPU.
+
+`--size 2b` or `--size 7b` writes the published Qwen2-VL shapes instead, with random weights and
+the same tiny tokenizer: for benchmarks of speed and memory (bench/train_throughput.py), which
+depend on the shapes and not on what the weights hold.
 """
 
 import argparse
@@ -114,50 +118,103 @@ VISION_CONFIGS = {
         tokens_per_second=2,
     ),
 }
+TINY_TEXT_CONFIG = dict(
+    hidden_size=128,
+    intermediate_size=384,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    # M-RoPE gives time, height and width a block of rotary frequencies each ([4, 6, 6] of 16).
+    # Qwen's theta of 1e6 (made for 32k-token contexts) leaves the width block of a 32-dim head
+    # with angles too small to tell image columns apart; a theta of 10 suits ~100-token samples.
+    rope_parameters={"rope_type": "default", "rope_theta": 10.0, "mrope_section": [4, 6, 6]},
+)
 ARCHITECTURES = {
     "qwen2-vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor),
     "qwen2.5-vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor),
 }
 
-
-def build(out_dir: str | Path, seed: int = 0, arch: str = "qwen2-vl") -> Path:
-    out_dir = Path(out_dir)
-    config_class, model_class, processor_class = ARCHITECTURES[arch]
-    tokenizer = build_tokenizer()
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    eos = [ids["<|im_end|>"], ids["<|endoftext|>"]]
-    vocab_size = (len(tokenizer) + 63) // 64 * 64
-    config = config_class(
-        text_config=dict(
-            vocab_size=vocab_size,
-            hidden_size=128,
-            intermediate_size=384,
-            num_hidden_layers=4,
-            num_attention_heads=4,
+# The published Qwen2-VL sizes (the config.json of Qwen/Qwen2-VL-2B-Instruct and -7B-Instruct), for
+# measuring speed and memory, which depend on the shapes and not on the weights' values. Their
+# tokenizer is still the tiny one: only the embedding's and output head's shapes matter.
+QWEN_ROPE = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}
+FULL_SIZES = {
+    "2b": dict(
+        text=dict(
+            hidden_size=1536,
+            intermediate_size=8960,
+            num_hidden_layers=28,
+            num_attention_heads=12,
             num_key_value_heads=2,
-            max_position_embeddings=4096,
-            # M-RoPE gives time, height and width a block of rotary frequencies each ([4, 6, 6] of 16).
-            # Qwen's theta of 1e6 (made for 32k-token contexts) leaves the width block of a 32-dim head
-            # with angles too small to tell image columns apart; a theta of 10 suits ~100-token samples.
-            rope_parameters={"rope_type": "default", "rope_theta": 10.0, "mrope_section": [4, 6, 6]},
+            vocab_size=151936,
+        ),
+        vision=dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4),
+        tie_word_embeddings=True,
+    ),
+    "7b": dict(
+        text=dict(
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            vocab_size=152064,
+        ),
+        vision=dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4),
+        tie_word_embeddings=False,
+    ),
+}
+
+
+def make_config(tokenizer, arch: str = "qwen2-vl", size: str = "tiny"):
+    """The model config for this tokenizer's special tokens: tiny, or the published shapes of a size."""
+    if size != "tiny" and arch != "qwen2-vl":
+        raise ValueError(f"size {size!r} exists for qwen2-vl only")
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    if size == "tiny":
+        text = dict(TINY_TEXT_CONFIG, vocab_size=(len(tokenizer) + 63) // 64 * 64)
+        vision, tie_word_embeddings = VISION_CONFIGS[arch], False
+    else:
+        full = FULL_SIZES[size]
+        text = dict(full["text"], max_position_embeddings=32768, rope_parameters=QWEN_ROPE)
+        vision, tie_word_embeddings = full["vision"], full["tie_word_embeddings"]
+    return ARCHITECTURES[arch][0](
+        text_config=dict(
+            **text,
             bos_token_id=ids["<|endoftext|>"],
             eos_token_id=ids["<|im_end|>"],
             pad_token_id=ids["<|endoftext|>"],
         ),
-        vision_config=dict(**VISION_CONFIGS[arch], patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+        vision_config=dict(**vision, patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=tie_word_embeddings,
     )
+
+
+def build(out_dir: str | Path, seed: int = 0, arch: str = "qwen2-vl", size: str = "tiny") -> Path:
+    """Write the checkpoint; size "2b" or "7b" gives the published Qwen2-VL shapes instead (bf16 weights,
+    initialised on the GPU when there is one: 7B in fp32 on the CPU would take 33 GB)."""
+    out_dir = Path(out_dir)
+    _, model_class, processor_class = ARCHITECTURES[arch]
+    tokenizer = build_tokenizer()
+    config = make_config(tokenizer, arch, size)
     torch.manual_seed(seed)
-    model = model_class(config)
-    # At the usual init std of 0.02 the output head caps every logit near |h| * |w| = 11 * 0.23, so a
-    # model whose head stays frozen (LoRA) could never grow confident. A trained head has a far wider
-    # margin; give the tiny one enough to learn with.
-    torch.nn.init.normal_(model.lm_head.weight, std=0.1)
+    if size == "tiny":
+        model = model_class(config)
+        # At the usual init std of 0.02 the output head caps every logit near |h| * |w| = 11 * 0.23, so
+        # a model whose head stays frozen (LoRA) could never grow confident. A trained head has a far
+        # wider margin; give the tiny one enough to learn with.
+        torch.nn.init.normal_(model.lm_head.weight, std=0.1)
+    else:
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = model_class._from_config(config, dtype=torch.bfloat16)
+    end_of_text, im_end = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
     model.generation_config = GenerationConfig(
-        bos_token_id=ids["<|endoftext|>"], eos_token_id=eos, pad_token_id=ids["<|endoftext|>"]
+        bos_token_id=end_of_text, eos_token_id=[im_end, end_of_text], pad_token_id=end_of_text
     )
     model.save_pretrained(out_dir)
     processor = processor_class(
@@ -175,8 +232,11 @@ def main() -> None:
     parser.add_argument("out_dir", help="directory to write the checkpoint to")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--arch", choices=list(ARCHITECTURES), default="qwen2-vl", help="model family")
+    parser.add_argument(
+        "--size", choices=["tiny", *FULL_SIZES], default="tiny", help="tiny, or a published Qwen2-VL size"
+    )
     args = parser.parse_args()
-    print(build(args.out_dir, args.seed, args.arch))
+    print(build(args.out_dir, args.seed, args.arch, args.size))
 
 
 if __name__ == "__main__":
