@@ -79,7 +79,7 @@ def main() -> None:
     finetune_flags = [f for f in finetune_flags if f != "--"]
 
     model = args.work_dir / f"qwen2-vl-{args.size}"
-    if not (model / "config.json").exists():
+    if not (model / "processor_config.json").exists():  # written last: a build that broke off is redone
         print(f"building qwen2-vl {args.size} with random weights in {model}", flush=True)
         build(model, size=args.size)
     run = args.work_dir / f"run-{args.size}-{args.mode}-{args.tokens}"
@@ -93,9 +93,10 @@ def main() -> None:
         "--max-length", str(args.tokens), "--min-pixels", str(image_pixels), "--max-pixels", str(image_pixels),
         "--warmup-steps", "0", "--save-every", "0", "--num-workers", "1", *MODES[args.mode], *finetune_flags,
     ]  # fmt: skip
-    (run / "out" / "metrics.jsonl").unlink(missing_ok=True)
+    metrics = run / "out" / "metrics.jsonl"
+    metrics.unlink(missing_ok=True)
     finished = subprocess.run(command, cwd=REPO).returncode == 0
-    rows = [json.loads(line) for line in (run / "out" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     if not finished or len(rows) <= args.warmup:
         raise SystemExit(f"the run stopped after {len(rows)} steps; nothing to report")
     assert all(row["tokens"] == args.tokens for row in rows), "finetune.py saw other samples than written"
