@@ -22,8 +22,9 @@ def train(tiny_model, folder, *flags):
     args = ["--model", tiny_model, "--data", data(folder), "--output-dir", str(folder / "out")]
     args += ["--max-steps", "20", "--lr", "2e-3", "--batch-size", "3", *flags]  # flags come last and win
     model = finetune.train(parse_config(args), single_device())
-    losses = [json.loads(line)["loss"] for line in (folder / "out" / "metrics.jsonl").read_text().splitlines()]
-    return model, losses
+    rows = [json.loads(line) for line in (folder / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert all(row["peak_memory_gib"] > 0 for row in rows)
+    return model, [row["loss"] for row in rows]
 
 
 def test_bf16_mixed_on_cuda_keeps_fp32_weights_and_learns(tmp_path, tiny_model):
