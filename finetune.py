@@ -115,7 +115,7 @@ def train(cfg: Config, dist: Dist):
     processor = load_processor(cfg.model, cfg.min_pixels, cfg.max_pixels, cfg.video_max_pixels, cfg.trust_remote_code)
     collator = Collator(processor, cfg.max_length, cfg.video(), blank_image=dist.world_size > 1)
     samples = read_samples(cfg.data, cfg.media_root, collator.tokens.all_strings)
-    check_media(samples, cfg.video(), collator.video_factor)
+    check_media(samples, cfg.video(), collator.video_factor, dist=dist)  # each process checks a share
     samples = collator.drop_overlong(samples, quiet=not dist.is_main)
     if not samples:
         raise DataError(f"{cfg.data}: no sample fits in --max-length {cfg.max_length}")

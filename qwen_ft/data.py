@@ -180,30 +180,42 @@ def read_samples(
     return samples
 
 
-def check_media(samples: list[Sample], video: VideoSettings | None = None, factor: int = 28, threads: int = 8):
+def check_media(
+    samples: list[Sample], video: VideoSettings | None = None, factor: int = 28, threads: int = 8, dist=None
+):
     """Decode every image once and read every video's metadata and packets, recording the sizes they
     will have as model input; DataError names each one that can't be read as asked.
 
     video holds the defaults for a sample's video parts; factor is the model's patch size times its
-    spatial merge size (the multiple frame sides are resized to).
+    spatial merge size (the multiple frame sides are resized to). In a distributed run (dist) each
+    process checks every world_size-th sample, and all of them learn every size and every problem.
     """
     video = video or VideoSettings()
+    rank, world_size = (dist.rank, dist.world_size) if dist else (0, 1)
 
-    def sizes(sample: Sample) -> str | None:
+    def measure(sample: Sample) -> tuple[list, list, str | None]:
+        """(image sizes, video shapes, problem) of one sample."""
         try:
-            sample.image_sizes = [load_image(ref).size[::-1] for ref in sample.media("image")]
+            image_sizes = [load_image(ref).size[::-1] for ref in sample.media("image")]
         except MediaError as e:
-            return f"{sample.where}: image {e}"
+            return [], [], f"{sample.where}: image {e}"
         try:
-            sample.video_shapes = [plan_video(p["video"], video.for_part(p), factor) for p in sample.parts("video")]
+            video_shapes = [plan_video(p["video"], video.for_part(p), factor) for p in sample.parts("video")]
         except MediaError as e:
-            return f"{sample.where}: video {e}"
+            return [], [], f"{sample.where}: video {e}"
         except (TypeError, ValueError) as e:  # a per-sample setting of the wrong type or range
-            return f"{sample.where}: video settings: {e}"
-        return None
+            return [], [], f"{sample.where}: video settings: {e}"
+        return image_sizes, video_shapes, None
 
     with ThreadPoolExecutor(threads) as pool:
-        raise_if_any([error for error in pool.map(sizes, samples) if error])
+        mine = list(pool.map(measure, samples[rank::world_size]))
+    shares = dist.all_gather_objects(mine) if dist else [mine]
+    errors = []
+    for i, sample in enumerate(samples):
+        sample.image_sizes, sample.video_shapes, error = shares[i % world_size][i // world_size]
+        if error:
+            errors.append(error)
+    raise_if_any(errors)
 
 
 def raise_if_any(errors: list[str]) -> None:

@@ -47,6 +47,14 @@ class Dist:
             torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
         return tensor
 
+    def all_gather_objects(self, obj) -> list:
+        """Every rank's obj (any picklable value), in rank order."""
+        if self.world_size == 1:
+            return [obj]
+        gathered = [None] * self.world_size
+        torch_dist.all_gather_object(gathered, obj)
+        return gathered
+
     def wrap(self, model, compute_dtype: torch.dtype = torch.bfloat16):
         """The model as the loop drives it: itself, in DDP, or sharded with FSDP2 over all ranks
         (computing in compute_dtype, reducing gradients in fp32)."""

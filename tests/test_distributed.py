@@ -117,10 +117,15 @@ def test_two_nodes_on_loopback(tmp_path, tiny_model):
 
 
 def test_bad_data_stops_every_rank_with_one_message(tmp_path, tiny_model):
-    data = write_json(tmp_path / "data.json", [qa("missing.png", "What colour?", "red")])
+    """Each rank checks a share of the samples (rank 0 the even ones); the message lists every problem."""
+    good = qa(picture(tmp_path, "ok.png"), "What colour?", "red")
+    bad = [qa(f"missing-{i}.png", "What colour?", "red") for i in (1, 2)]
+    data = write_json(tmp_path / "data.json", [good, *bad])
     run = torchrun(*flags(tiny_model, data, tmp_path / "out"))
     assert run.returncode != 0
-    assert run.stderr.count("error: ") == 1 and "sample 0: message 0: image 'missing.png' not found" in run.stderr
+    assert run.stderr.count("error: ") == 1
+    first = run.stderr.index("sample 1: message 0: image 'missing-1.png' not found")
+    assert run.stderr.index("sample 2: message 0: image 'missing-2.png' not found") > first
 
 
 def test_a_rank_that_fails_mid_run_takes_the_job_down_without_hanging(tmp_path, tiny_model):
