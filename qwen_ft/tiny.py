@@ -236,6 +236,8 @@ def main() -> None:
         "--size", choices=["tiny", *FULL_SIZES], default="tiny", help="tiny, or a published Qwen2-VL size"
     )
     args = parser.parse_args()
+    if args.size != "tiny" and args.arch != "qwen2-vl":
+        parser.error(f"--size {args.size} exists for qwen2-vl only")
     print(build(args.out_dir, args.seed, args.arch, args.size))
 
 
