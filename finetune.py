@@ -24,7 +24,14 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from qwen_ft.checkpoint import check_resume_config, find_checkpoint, load_checkpoint, open_metrics, save_checkpoint
+from qwen_ft.checkpoint import (
+    check_resume_config,
+    find_checkpoint,
+    load_checkpoint,
+    open_metrics,
+    save_checkpoint,
+    save_model,
+)
 from qwen_ft.collate import IGNORE_INDEX, Collator
 from qwen_ft.config import Config, ConfigError, parse_config
 from qwen_ft.data import BadSample, DataError, check_media, read_samples
@@ -98,7 +105,6 @@ def micro_batches(samples, sampler: DistributedSampler, collator: Collator, cfg:
 
 def train(cfg: Config, dist: Dist):
     out = Path(cfg.output_dir)
-    dist.print(json.dumps(dataclasses.asdict(cfg), indent=1))
     resume_from = find_checkpoint(cfg.resume, out) if cfg.resume else None
     if resume_from:  # before anything loads: a config that can't resume exactly stops here
         changes = check_resume_config(resume_from, cfg)
@@ -113,6 +119,7 @@ def train(cfg: Config, dist: Dist):
     # Data: every sample is read and checked (structure, media, length) before the model loads,
     # so bad input stops the run in seconds rather than after minutes of loading weights.
     processor = load_processor(cfg.model, cfg.min_pixels, cfg.max_pixels, cfg.video_max_pixels, cfg.trust_remote_code)
+    dist.print(json.dumps(dataclasses.asdict(cfg), indent=1))  # once the model is known to be there
     collator = Collator(processor, cfg.max_length, cfg.video(), blank_image=dist.world_size > 1)
     samples = read_samples(cfg.data, cfg.media_root, collator.tokens.all_strings)
     check_media(samples, cfg.video(), collator.video_factor, dist=dist)  # each process checks a share
@@ -176,7 +183,7 @@ def train(cfg: Config, dist: Dist):
             bad_samples = [problem for batch in window for problem in batch.pop("bad_samples")]
             if bad_samples and not cfg.skip_bad_samples:
                 raise BadSample(f"{bad_samples[0]} (--skip-bad-samples skips such samples)")
-            lr = scheduler.get_last_lr()[0]
+            lr = optimizer.param_groups[0]["lr"]  # the LLM's (or LoRA's): the one this step uses
             loss_sum, trained_tokens = forward_backward(model, window, dist, autocast)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or math.inf)
             # A non-finite gradient norm (the same on every rank) skips the update. .item() and the
@@ -218,7 +225,7 @@ def train(cfg: Config, dist: Dist):
                 )
             stopping = stop.requested(dist)
             if stopping or (cfg.save_every and step % cfg.save_every == 0):
-                folder = save_checkpoint(out, step, model, optimizer, scheduler, dist, cfg, counters)
+                folder = save_checkpoint(out, step, model, optimizer, scheduler, dist, cfg, counters, processor)
             if stopping:
                 dist.print(f"stopped after step {step}, saved {folder}; run the same command with --resume to go on")
                 return model
@@ -230,11 +237,11 @@ def train(cfg: Config, dist: Dist):
         if metrics:
             metrics.close()
 
-    # Save: a transformers checkpoint, or with LoRA a peft adapter (plus modules trained in full),
-    # that from_pretrained loads as it is.
+    # Save: a transformers checkpoint (fp32 under bf16-mixed: see one_dtype), or with LoRA a peft
+    # adapter (plus modules trained in full), that from_pretrained loads as it is.
     state_dict = dist.full_state_dict(model)  # FSDP gathers the shards (all ranks); else None
     if dist.is_main:
-        dist.unwrap(model).save_pretrained(out, state_dict=state_dict)
+        save_model(out, dist.unwrap(model), state_dict)
         processor.save_pretrained(out)
         summary = f"{counters['bad_steps']} non-finite steps skipped, {counters['skipped_samples']} bad samples skipped"
         dist.print(f"saved the fine-tuned model to {out} ({summary})")

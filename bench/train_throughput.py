@@ -66,7 +66,9 @@ def write_sample(folder: Path, processor, tokens: int, image_tokens: int) -> Pat
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--size", choices=["tiny", "2b", "7b"], default="2b", help="model shapes")
     parser.add_argument("--mode", choices=list(MODES), default="full", help="full fine-tune, LoRA or QLoRA")
     parser.add_argument("--tokens", type=int, default=2048, help="tokens per sample")
@@ -79,9 +81,8 @@ def main() -> None:
     finetune_flags = [f for f in finetune_flags if f != "--"]
 
     model = args.work_dir / f"qwen2-vl-{args.size}"
-    if not (model / "processor_config.json").exists():  # written last: a build that broke off is redone
-        print(f"building qwen2-vl {args.size} with random weights in {model}", flush=True)
-        build(model, size=args.size)
+    print(f"qwen2-vl {args.size} with random weights in {model} (built unless already there)", flush=True)
+    build(model, size=args.size, reuse=True)
     run = args.work_dir / f"run-{args.size}-{args.mode}-{args.tokens}"
     run.mkdir(parents=True, exist_ok=True)
     image_pixels = args.image_tokens * PIXELS_PER_TOKEN**2

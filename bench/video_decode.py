@@ -87,7 +87,9 @@ def torchcodec_way(path: str, times: list[float]):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "qwen_ft_bench"), help="cache folder")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each way; the median is reported")
     args = parser.parse_args()

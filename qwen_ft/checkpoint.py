@@ -1,9 +1,10 @@
 """Checkpoints for exact resume, written so that a crash never leaves one that looks complete.
 
 OUTPUT_DIR/checkpoints/step-00000500/ holds
-  - the weights, as they are in memory (fp32 master weights too): model.safetensors and config.json,
-    which from_pretrained loads as a model; or with LoRA the peft adapter with the modules trained
-    in full, which PeftModel.from_pretrained loads;
+  - the weights, in one dtype that holds every value as it is in memory (the fp32 master weights
+    too): model.safetensors and config.json, which from_pretrained loads as a model; or with LoRA the
+    peft adapter with the modules trained in full, which PeftModel.from_pretrained loads;
+  - the processor, so that the checkpoint serves for inference as it is;
   - state.pt: optimizer, scheduler, step, data position, counters and the config (rank 0);
   - rng-<rank>.pt: each process's python, numpy, torch and CUDA random states.
 It is written as .tmp-step-00000500 and renamed when every file is on disk; a folder without the
@@ -80,7 +81,9 @@ def fsync_tree(folder: Path) -> None:
                 os.fsync(f.fileno())
 
 
-def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, dist: Dist, cfg: Config, counters: dict):
+def save_checkpoint(
+    out: Path, step: int, model, optimizer, scheduler, dist: Dist, cfg: Config, counters: dict, processor
+) -> Path:
     """Write checkpoint `step` (every rank takes part); keep the newest cfg.keep_last. Returns its path."""
     root = checkpoints_dir(out)
     final, partial = root / f"{PREFIX}{step:08d}", root / f".tmp-{PREFIX}{step:08d}"
@@ -99,6 +102,7 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, dist: Dis
     torch.save(rng_state(), partial / f"rng-{dist.rank}.pt")
     if dist.is_main:
         save_weights(partial, dist.unwrap(model), weights)
+        processor.save_pretrained(partial)
         resume = {"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(), **counters}
         torch.save(resume, partial / "state.pt")
         cfg.save(partial / "train_config.json")
@@ -112,20 +116,56 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, dist: Dis
     return final
 
 
-def save_weights(folder: Path, inner, weights: dict | None) -> None:
-    """The model's weights under their names in memory (which load_weights maps back one to one);
+def one_dtype(weights: dict) -> tuple[dict, torch.dtype]:
+    """The weights in one floating dtype, the widest among them, and that dtype.
+
+    Under bf16-mixed what trained is fp32 (the master weights) and what stayed frozen is bf16. Every
+    bf16 value is exact in fp32, so the fp32 copy loses nothing, while rounding to bf16 would undo the
+    updates smaller than bf16's precision, which many fine-tuning updates are. The copies are made in
+    CPU memory, which the save needs anyway: on the GPU they could run out of memory mid-run.
+    """
+    dtype = max((t.dtype for t in weights.values() if t.is_floating_point()), key=lambda d: d.itemsize)
+    cast = {name: t.to("cpu", dtype) for name, t in weights.items() if t.is_floating_point() and t.dtype != dtype}
+    return {**weights, **cast}, dtype
+
+
+def save_config(folder: Path, inner, dtype: torch.dtype) -> None:
+    """config.json naming the dtype the weights were written in, so that from_pretrained(dtype="auto")
+    loads them as they are (save_pretrained records the dtype of the model's first parameter)."""
+    inner.config.dtype = dtype
+    for key in inner.config.sub_configs:
+        if getattr(inner.config, key, None) is not None:
+            getattr(inner.config, key).dtype = dtype
+    inner.config.save_pretrained(folder)
+
+
+def save_model(folder: Path, inner, weights: dict | None) -> None:
+    """The fine-tuned model as from_pretrained loads it: a transformers checkpoint in the hub's layout,
+    in one dtype (one_dtype); with LoRA a peft adapter with the modules trained in full.
     weights: the gathered FSDP state dict, or None to take them from the model."""
     if isinstance(inner, PeftModel):
         inner.save_pretrained(folder)
         return
-    weights = weights if weights is not None else inner.state_dict()
+    weights, dtype = one_dtype(weights if weights is not None else inner.state_dict())
+    inner.save_pretrained(folder, state_dict=weights)
+    save_config(folder, inner, dtype)
+
+
+def save_weights(folder: Path, inner, weights: dict | None) -> None:
+    """The model's weights under their names in memory (which load_weights maps back one to one), in
+    one dtype (one_dtype); weights: the gathered FSDP state dict, or None to take them from the model."""
+    if isinstance(inner, PeftModel):
+        inner.save_pretrained(folder)
+        return
+    weights, dtype = one_dtype(weights if weights is not None else inner.state_dict())
     unique, seen = {}, set()
     for name, tensor in weights.items():  # tied weights share storage: safetensors stores it once
         if tensor.data_ptr() not in seen:
             seen.add(tensor.data_ptr())
             unique[name] = tensor.contiguous()
     save_file(unique, folder / "model.safetensors", metadata={"format": "pt"})
-    inner.config.save_pretrained(folder)
+    save_config(folder, inner, dtype)
+    inner.generation_config.save_pretrained(folder)
 
 
 def load_weights(folder: Path, model, dist: Dist) -> None:
@@ -156,6 +196,11 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, dist: Dist) -> di
     else:
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    # The optimizer restored the lr of the schedule that was running. A resume with another length
+    # (--max-steps, --epochs) has another schedule: the next step takes its lr at this step, which
+    # for an unchanged length is the same number, computed as LambdaLR computes it.
+    for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * factor(scheduler.last_epoch)
     rng = folder / f"rng-{dist.rank}.pt"
     if not rng.is_file():
         raise ValueError(f"{folder} was written by fewer processes: it has no {rng.name}")
@@ -175,7 +220,7 @@ def config_changes(saved: dict, cfg: Config) -> tuple[list[str], list[str]]:
     """(changes a resume allows, changes that would break it), as 'flag: old -> new' lines."""
     allowed, refused = [], []
     for name, value in asdict(cfg).items():
-        if name in saved and saved[name] != value:
+        if name in saved and saved[name] != value and name != "resume":  # resuming is no change to report
             line = f"--{name.replace('_', '-')}: {saved[name]} -> {value}"
             (allowed if name in MAY_CHANGE else refused).append(line)
     return allowed, refused

@@ -152,9 +152,12 @@ def _value_type(annotation):
     return annotation
 
 
-def build_parser(description: str | None = None) -> argparse.ArgumentParser:
+def build_parser(description: str | None = None, only: tuple[str, ...] | None = None) -> argparse.ArgumentParser:
+    """The flags of every Config field, or of the fields named in `only` (the tools that use a few)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Config):
+        if only is not None and f.name not in only:
+            continue
         flag = "--" + f.name.replace("_", "-")
         kwargs = {k: v for k, v in f.metadata.items()}
         if f.type is bool:
@@ -167,6 +170,8 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
 def parse_config(argv: list[str] | None = None, description: str | None = None) -> Config:
     parser = build_parser(description)
     args = parser.parse_args(argv)
+    if args.lora and args.qlora:
+        parser.error("--lora and --qlora: pass one (--qlora is LoRA on a 4-bit base)")
     try:
         return Config(**vars(args))
     except ValueError as e:

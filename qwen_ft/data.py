@@ -21,6 +21,13 @@ ROLES = ("system", "user", "assistant")
 MEDIA_TYPES = ("image", "video")
 # Keys a media part may use for its reference: Qwen's own ("image") and transformers' ("url", "path").
 MEDIA_KEYS = ("url", "path")
+# Keys read from a sample and from a message. Any other key is an error rather than ignored: an
+# "images" list or a "loss" flag that is silently dropped trains something other than what was meant.
+# A sample's "id" only names it.
+SAMPLE_KEYS = ("messages", "id")
+MESSAGE_KEYS = ("role", "content")
+# Other formats' stand-ins for media in text; this reader has nothing to put in their place.
+PLACEHOLDERS = ("<image>", "<video>")
 MAX_ERRORS_SHOWN = 10
 
 
@@ -109,6 +116,13 @@ def normalise_part(part, media_dirs: tuple[Path, Path], special_tokens: tuple[st
         for token in special_tokens:
             if token in text:
                 raise ValueError(f"text contains the special token {token}; remove it from the data")
+        for placeholder in PLACEHOLDERS:
+            if placeholder in text:
+                kind = placeholder.strip("<>")
+                raise ValueError(
+                    f"text contains the placeholder {placeholder}, which would train as plain text: put the "
+                    f'{kind} where it stands as a part {{"type": "{kind}", "{kind}": PATH}}'
+                )
         return {"type": "text", "text": text}
     if kind in MEDIA_TYPES:
         ref = next((part[k] for k in (kind, *MEDIA_KEYS) if part.get(k) is not None), None)
@@ -132,10 +146,12 @@ def check_sample(
     """The sample's messages, normalised; ValueError saying what is wrong otherwise."""
     if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
         raise ValueError('expected an object with a "messages" list')
+    unread_keys(record, SAMPLE_KEYS, "the sample")
     messages = []
     for number, message in enumerate(record["messages"]):
         if not isinstance(message, dict):
             raise ValueError(f"message {number} is not an object")
+        unread_keys(message, MESSAGE_KEYS, f"message {number}")
         role = message.get("role")
         if role not in ROLES:
             raise ValueError(f"message {number} has unknown role {role!r} (expected one of {', '.join(ROLES)})")
@@ -158,6 +174,16 @@ def check_sample(
     if require_answer and not any(m["role"] == "assistant" for m in messages):
         raise ValueError("no assistant message, so nothing to train on")
     return messages
+
+
+def unread_keys(record: dict, known: tuple[str, ...], what: str) -> None:
+    """ValueError naming the first key of record that this reader would ignore."""
+    unknown = [key for key in record if key not in known]
+    if unknown:
+        raise ValueError(
+            f"{what} has the key {unknown[0]!r}, which is not read (only {', '.join(known)}): images and videos "
+            'go inside the messages as parts like {"type": "image", "image": PATH}; remove other keys'
+        )
 
 
 def read_samples(

@@ -21,7 +21,7 @@ from qwen_ft.config import Config
 from qwen_ft.data import DataError, Sample, check_media, read_samples
 from qwen_ft.lora import load_with_adapter
 from qwen_ft.media import MediaError, resolve
-from qwen_ft.model import ModelUnavailable, load_model, load_processor
+from qwen_ft.model import ModelUnavailable, has_processor, load_model, load_processor
 
 
 def question_and_reference(sample: Sample) -> tuple[list[dict], str | None]:
@@ -36,7 +36,7 @@ class Answerer:
     def __init__(self, model_name: str, device: torch.device, adapter: str | None = None, **settings):
         """settings: min_pixels, max_pixels (None: the processor's own) and video (VideoSettings)."""
         # A finetune.py --lora output holds the processor it trained with; prefer it to the base's.
-        processor_source = adapter if adapter and (Path(adapter) / "processor_config.json").exists() else model_name
+        processor_source = adapter if adapter and has_processor(adapter) else model_name
         processor = load_processor(processor_source, settings.get("min_pixels"), settings.get("max_pixels"))
         self.collator = Collator(processor, max_length=sys.maxsize, video=settings.get("video"))
         precision = "bf16" if device.type == "cuda" else "fp32"

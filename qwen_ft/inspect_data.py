@@ -1,13 +1,14 @@
 """Show how each sample is tokenized for training: the text with trained spans marked, and token counts.
 
-It takes finetune.py's flags; those that shape the data (--model, --data, --max-length, pixels, video
-settings) apply as in training.
+It takes the finetune.py flags that shape the data (--model, --data, --max-length, pixels, video
+settings), which apply as in training.
 
-    python -m qwen_ft.inspect_data --model Qwen/Qwen2-VL-2B-Instruct --data train_data/data.json
+    python -m qwen_ft.inspect_data --model Qwen/Qwen2-VL-2B-Instruct --data train_data/data.json --limit 5
     python -m qwen_ft.inspect_data --model M --data F --json    # one JSON object per sample per line
 
 Trained spans (labels != -100) are shown between [[ and ]]; a run of image placeholders is
-shown once with its length. The samples go through the same checks and collator as training.
+shown once with its length. The samples go through the same checks and collator as training. The
+totals over the samples shown come last (on stderr with --json).
 """
 
 import itertools
@@ -33,25 +34,35 @@ def render(ids: list[int], labels: list[int], tokenizer, placeholder_ids: set[in
     return "".join(pieces)
 
 
+# The finetune.py flags that change how a sample is tokenized; the others have no effect here.
+DATA_FLAGS = (
+    "model", "data", "media_root", "min_pixels", "max_pixels", "video_fps", "video_max_frames",
+    "video_max_pixels", "video_total_pixels", "max_length", "trust_remote_code",
+)  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
-    # finetune.py's own flags (those that shape the data are used), plus --json.
-    parser = build_parser(__doc__.splitlines()[0])
+    parser = build_parser(__doc__.splitlines()[0], only=DATA_FLAGS)
+    parser.add_argument("--limit", type=int, help="check, tokenize and show only the first N samples")
     parser.add_argument("--json", action="store_true", help="print one JSON object per sample and nothing else")
     args = vars(parser.parse_args(argv))
-    as_json = args.pop("json")
+    as_json, limit = args.pop("json"), args.pop("limit")
     cfg = Config(**args)
 
     try:
-        processor = load_processor(cfg.model, cfg.min_pixels, cfg.max_pixels, cfg.video_max_pixels)
+        processor = load_processor(
+            cfg.model, cfg.min_pixels, cfg.max_pixels, cfg.video_max_pixels, cfg.trust_remote_code
+        )
         collator = Collator(processor, cfg.max_length, cfg.video())
-        samples = read_samples(cfg.data, cfg.media_root, collator.tokens.all_strings)
+        samples = read_samples(cfg.data, cfg.media_root, collator.tokens.all_strings)[:limit]
         check_media(samples, cfg.video(), collator.video_factor)
-        samples = collator.drop_overlong(samples)
+        kept = collator.drop_overlong(samples)
     except (DataError, MediaError, ModelUnavailable) as e:
         sys.exit(f"error: {e}")
 
     placeholders = {collator.tokens.image_pad, collator.tokens.video_pad}
-    for sample in samples:
+    totals = dict.fromkeys(("tokens", "text_tokens", "image_tokens", "video_tokens", "trained_tokens"), 0)
+    for sample in kept:
         batch = collator([sample])
         ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
         image_tokens = ids.count(collator.tokens.image_pad)
@@ -63,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
             "video_tokens": video_tokens,
             "trained_tokens": sum(label != IGNORE_INDEX for label in labels),
         }
+        totals = {name: totals[name] + counts[name] for name in totals}
         if as_json:
             print(
                 json.dumps(
@@ -73,6 +85,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"== {sample.where}")
             print(render(ids, labels, processor.tokenizer, placeholders))
             print(", ".join(f"{value} {name.replace('_', ' ')}" for name, value in counts.items()) + "\n")
+    skipped = f" ({len(samples) - len(kept)} too long for --max-length, skipped)" if len(kept) < len(samples) else ""
+    summary = ", ".join(f"{value} {name.replace('_', ' ')}" for name, value in totals.items())
+    print(f"{len(kept)} samples{skipped}: {summary}", file=sys.stderr if as_json else sys.stdout)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,9 @@
 """LoRA and QLoRA with peft: which linear layers get adapters, and what trains in full beside them."""
 
+import contextlib
+import logging
+import warnings
+
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import BitsAndBytesConfig
@@ -7,8 +11,22 @@ from transformers import BitsAndBytesConfig
 from qwen_ft.config import ConfigError
 from qwen_ft.model import load_model, part_of
 
+# On import, bitsandbytes' CPU backend tries to fetch an optional 4-bit kernel from the hub (with the
+# `kernels` package) and logs a warning when it can't; its built-in kernel then runs, so the warning
+# says nothing a user can act on.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
 # The language model's linear layers: attention and MLP projections (not lm_head).
 LLM_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@contextlib.contextmanager
+def peft_quietly():
+    """peft reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model, a
+    FutureWarning on every LoRA run that only a peft release can fix."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def lora_target_modules(model, targets: str) -> list[str]:
@@ -80,10 +98,13 @@ def add_lora(model, frozen: dict[str, bool], r: int, alpha: int, dropout: float,
         modules_to_save=in_full_modules or None,
         use_dora=dora,
     )
-    return get_peft_model(model, config)
+    with peft_quietly():
+        return get_peft_model(model, config)
 
 
 def load_with_adapter(base: str, adapter: str, precision: str, device: torch.device):
     """The base model (never quantized: a QLoRA adapter applies to the bf16 weights too) with the adapter,
     and any modules trained in full beside it, loaded on top."""
-    return PeftModel.from_pretrained(load_model(base, precision, "sdpa", device), adapter)
+    model = load_model(base, precision, "sdpa", device)
+    with peft_quietly():
+        return PeftModel.from_pretrained(model, adapter)

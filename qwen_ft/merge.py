@@ -2,28 +2,25 @@
 
     python -m qwen_ft.merge --base Qwen/Qwen2-VL-2B-Instruct --adapter output --out merged
 
-The base loads in bf16 (or fp32 with --dtype fp32), never in 4 bits, so a QLoRA adapter merges
-into full-precision weights too. Modules trained in full beside the adapter (such as the merger)
+The base loads in the dtype of its config.json (or the one --dtype names), never in 4 bits, so a
+QLoRA adapter merges into full-precision weights too, and a merged fp32 model gives the logits of
+base plus adapter to fp32 rounding. Modules trained in full beside the adapter (such as the merger)
 replace the base's. The processor saved with the adapter (else the base's) is saved beside.
 """
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
 from qwen_ft.lora import load_with_adapter
-from qwen_ft.model import ModelUnavailable, load_processor
+from qwen_ft.model import ModelUnavailable, has_processor, load_processor
 
 
-def merge(base: str, adapter: str, out: str, precision: str = "bf16") -> None:
+def merge(base: str, adapter: str, out: str, precision: str = "auto") -> None:
     model = load_with_adapter(base, adapter, precision, torch.device("cpu")).merge_and_unload()
     model.save_pretrained(out)
-    has_processor = any(
-        (Path(adapter) / name).exists() for name in ("processor_config.json", "preprocessor_config.json")
-    )
-    load_processor(adapter if has_processor else base).save_pretrained(out)
+    load_processor(adapter if has_processor(adapter) else base).save_pretrained(out)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,7 +32,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--adapter", required=True, help="the adapter directory (a finetune.py --lora output dir)")
     parser.add_argument("--out", required=True, help="where to save the merged model")
-    parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="dtype of the merged weights")
+    parser.add_argument(
+        "--dtype", choices=("auto", "bf16", "fp32"), default="auto", help="merged weights' dtype (auto: the base's)"
+    )
     args = parser.parse_args(argv)
     try:
         merge(args.base, args.adapter, args.out, args.dtype)

@@ -11,17 +11,57 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndByte
 
 
 class ModelUnavailable(Exception):
-    """The model can't be found locally and the hub can't be reached."""
+    """The model can't be found locally and the hub can't be reached, or a folder is not a model."""
 
 
-def check_available(name: str, timeout_s: float = 5.0) -> None:
-    """Fail in seconds, not after minutes of download retries, when a hub model can't be had.
+# A processor saved by transformers writes one of these (older versions the second).
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 
-    A local directory always loads. A hub name loads from the cache when the hub is unreachable
-    (by switching the hub client to offline mode), and is an error when it isn't cached either.
-    """
-    if Path(name).exists() or hub_constants.HF_HUB_OFFLINE:
+
+def has_processor(folder: str | Path) -> bool:
+    return any((Path(folder) / name).is_file() for name in PROCESSOR_FILES)
+
+
+def check_model_dir(folder: Path, processor: bool) -> None:
+    """A one-line ModelUnavailable for a folder that from_pretrained would fail on with a traceback: one
+    without a model, or (processor=True) without a processor, which a LoRA adapter folder may hold alone."""
+    if not folder.is_dir():
+        raise ModelUnavailable(f"model '{folder}' is a file, not a model folder")
+    if processor and has_processor(folder):
         return
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        raise ModelUnavailable(
+            f"'{folder}' holds a LoRA adapter, not a whole model: pass its base model as --model and this "
+            "folder as --adapter, or merge the two with python -m qwen_ft.merge"
+        )
+    if not (folder / "config.json").is_file():
+        raise ModelUnavailable(f"'{folder}' is not a model folder: it has no config.json")
+    if processor:
+        raise ModelUnavailable(
+            f"'{folder}' has a model but no processor ({' or '.join(PROCESSOR_FILES)}): copy the processor and "
+            "tokenizer files of the model it was trained from into it"
+        )
+
+
+def check_available(name: str, processor: bool = False, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, not after minutes of download retries or with a traceback, when a model can't be had.
+
+    A local folder must hold a model (and, with processor, a processor). A hub name loads from the
+    cache when the hub is unreachable (by switching the hub client to offline mode) or offline mode is
+    set, and is an error when it isn't cached either.
+    """
+    if Path(name).exists():
+        check_model_dir(Path(name), processor)
+        return
+    cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    if hub_constants.HF_HUB_OFFLINE:  # HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE
+        if cached:
+            return
+        raise ModelUnavailable(
+            f"model '{name}' is not a local directory and not in the Hugging Face cache, and offline mode is on "
+            "(HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE), so it can't be downloaded. Download it where there is "
+            "network, pass --model PATH to a local checkpoint, or try the loop with MODEL=tiny ./finetune.sh"
+        )
     endpoint = urllib.parse.urlparse(hub_constants.ENDPOINT)
     host = endpoint.hostname
     try:
@@ -30,7 +70,7 @@ def check_available(name: str, timeout_s: float = 5.0) -> None:
         return
     except OSError as e:
         reason = e.strerror or str(e)
-    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+    if cached:
         hub_constants.HF_HUB_OFFLINE = True
         return
     raise ModelUnavailable(
@@ -53,7 +93,7 @@ def load_processor(
     The bounds are stored in the processor, so the saved fine-tuned model sees images at the same
     resolution at inference as in training.
     """
-    check_available(name)
+    check_available(name, processor=True)
     processor = AutoProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
     for sub, largest in ((processor.image_processor, max_pixels), (processor.video_processor, video_max_pixels)):
         size = dict(sub.size)
@@ -72,7 +112,8 @@ def load_model(
     quantization_config: BitsAndBytesConfig | None = None,
     trust_remote_code: bool = False,
 ):
-    """The model on `device`, weights in bf16 unless precision is fp32 (4-bit where quantization_config says).
+    """The model on `device`, weights in bf16 unless precision is fp32, or in the dtype its config.json
+    names for "auto" (4-bit where quantization_config says).
 
     Under bf16-mixed the weights that train are cast to fp32 later (cast_trainable), once it is known
     which they are; frozen weights stay in bf16, which autocast would cast them to anyway.
@@ -80,7 +121,7 @@ def load_model(
     check_available(name)
     return AutoModelForImageTextToText.from_pretrained(
         name,
-        dtype=torch.float32 if precision == "fp32" else torch.bfloat16,
+        dtype={"fp32": torch.float32, "auto": "auto"}.get(precision, torch.bfloat16),
         attn_implementation=attn_implementation,
         quantization_config=quantization_config,
         device_map={"": device},

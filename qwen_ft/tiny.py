@@ -5,16 +5,24 @@ Qwen's special tokens and chat template, image and video processor configs, gene
 config), loaded by the same `from_pretrained` code that loads a real Qwen2-VL model.
 It is small enough for a training step to take a fraction of a second on the CPU.
 
+`--reuse` keeps a directory that already holds this very build (same seed, family, size and builder
+code) instead of writing it again: `MODEL=tiny ./finetune.sh` builds its model once, in a cache folder,
+so that tiny runs can be resumed and their outputs name a model that still exists.
+
 `--size 2b` or `--size 7b` writes the published Qwen2-VL shapes instead, with random weights and
 the same tiny tokenizer: for benchmarks of speed and memory (bench/train_throughput.py), which
 depend on the shapes and not on what the weights hold.
 """
 
 import argparse
+import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
+import transformers
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
     GenerationConfig,
@@ -195,10 +203,48 @@ def make_config(tokenizer, arch: str = "qwen2-vl", size: str = "tiny"):
     )
 
 
-def build(out_dir: str | Path, seed: int = 0, arch: str = "qwen2-vl", size: str = "tiny") -> Path:
+# Written last into a built directory: what it was built from, so that --reuse can tell a complete build
+# of the same recipe from a partial or outdated one.
+RECIPE_FILE = "qwen_ft_tiny.json"
+
+
+def recipe(seed: int, arch: str, size: str) -> dict:
+    """Everything the written files depend on; the builder's own code and the library versions included."""
+    code = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+    return {"seed": seed, "arch": arch, "size": size, "builder": code,
+            "transformers": transformers.__version__, "torch": torch.__version__}  # fmt: skip
+
+
+def build(out_dir: str | Path, seed: int = 0, arch: str = "qwen2-vl", size: str = "tiny", reuse: bool = False) -> Path:
     """Write the checkpoint; size "2b" or "7b" gives the published Qwen2-VL shapes instead (bf16 weights,
-    initialised on the GPU when there is one: 7B in fp32 on the CPU would take 33 GB)."""
+    initialised on the GPU when there is one: 7B in fp32 on the CPU would take 33 GB).
+
+    With reuse, a directory that already holds this recipe's build is kept as it is; otherwise the
+    build is written beside it and renamed into place, so that a build cut short is never reused and
+    two processes building at once both end with a complete one.
+    """
     out_dir = Path(out_dir)
+    if not reuse:
+        write(out_dir, seed, arch, size)
+        return out_dir
+    try:
+        if json.loads((out_dir / RECIPE_FILE).read_text()) == recipe(seed, arch, size):
+            return out_dir
+    except (OSError, ValueError):  # not built yet, or cut short
+        pass
+    staging = out_dir.with_name(f".{out_dir.name}.building-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    write(staging, seed, arch, size)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    try:
+        staging.rename(out_dir)
+    except OSError:  # another process renamed its build into place first: the same files
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
+def write(out_dir: Path, seed: int, arch: str, size: str) -> None:
+    """The checkpoint's files, RECIPE_FILE last."""
     _, model_class, processor_class = ARCHITECTURES[arch]
     tokenizer = build_tokenizer()
     config = make_config(tokenizer, arch, size)
@@ -224,21 +270,26 @@ def build(out_dir: str | Path, seed: int = 0, arch: str = "qwen2-vl", size: str 
         chat_template=CHAT_TEMPLATE,
     )
     processor.save_pretrained(out_dir)
-    return out_dir
+    (out_dir / RECIPE_FILE).write_text(json.dumps(recipe(seed, arch, size), indent=1) + "\n")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("out_dir", help="directory to write the checkpoint to")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--arch", choices=list(ARCHITECTURES), default="qwen2-vl", help="model family")
     parser.add_argument(
         "--size", choices=["tiny", *FULL_SIZES], default="tiny", help="tiny, or a published Qwen2-VL size"
     )
+    parser.add_argument(
+        "--reuse", action="store_true", help="keep out_dir as it is if it already holds this exact build"
+    )
     args = parser.parse_args()
     if args.size != "tiny" and args.arch != "qwen2-vl":
         parser.error(f"--size {args.size} exists for qwen2-vl only")
-    print(build(args.out_dir, args.seed, args.arch, args.size))
+    print(build(args.out_dir, args.seed, args.arch, args.size, args.reuse))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
+import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -6,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import finetune
+from qwen_ft import generate, inspect_data, merge
 from qwen_ft.config import Config, build_parser, parse_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,36 +37,114 @@ def test_flags_parse_into_the_config():
             parse_config(bad)
 
 
-def test_finetune_sh_with_the_tiny_model_runs_offline(tmp_path):
-    out = tmp_path / "out"
+def finetune_sh(tiny_model, *args) -> subprocess.CompletedProcess:
+    """./finetune.sh with MODEL=tiny, its model kept in the session's tiny model folder."""
+    env = {**os.environ, "MODEL": "tiny", "TINY_DIR": tiny_model, "PYTHON": sys.executable}
+    return subprocess.run(
+        ["./finetune.sh", "--num-workers", "0", *args], cwd=REPO, env=env, capture_output=True, text=True
+    )
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_tiny_run_resumes_with_a_longer_schedule_that_keeps_training(tmp_path, tiny_model):
+    built = (Path(tiny_model) / "model.safetensors").stat().st_mtime_ns
+    out, reference = tmp_path / "out", tmp_path / "reference"
+    schedule = ["--warmup-steps", "1", "--lr", "1e-3", "--save-every", "2"]  # at step 4 of 4 the lr is 0
+    first = finetune_sh(tiny_model, "--max-steps", "4", "--output-dir", str(out), *schedule)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert metrics(out)[-1]["step"] == 4
+    resumed = finetune_sh(tiny_model, "--max-steps", "8", "--output-dir", str(out), *schedule, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stdout and "step-00000004" in resumed.stdout
+    # The tiny model was reused, not built again, and the config names a model that still exists.
+    assert (Path(tiny_model) / "model.safetensors").stat().st_mtime_ns == built
+    assert json.loads((out / "train_config.json").read_text())["model"] == tiny_model
+    assert (out / "model.safetensors").exists()
+    # The resumed steps take the lr of the 8-step schedule, as a run of 8 steps from the start does.
+    uninterrupted = finetune_sh(tiny_model, "--max-steps", "8", "--output-dir", str(reference), *schedule)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-2000:]
+    logged = metrics(out)
+    assert [r["step"] for r in logged] == list(range(1, 9))
+    assert [r["lr"] for r in logged[4:]] == [r["lr"] for r in metrics(reference)[4:]]
+    assert logged[4]["lr"] > 0
+
+
+def offline_env(tmp_path, **variables) -> dict:
+    """The environment of a run with an empty Hugging Face cache and no hub, whatever the caller's is."""
+    env = {**os.environ, "PYTHON": sys.executable, "HF_HOME": str(tmp_path / "hf")}
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT"):
+        env.pop(name, None)
+    return {**env, **variables}
+
+
+@pytest.mark.parametrize(
+    "variables, says",
+    [
+        ({"HF_ENDPOINT": "http://127.0.0.1:9"}, "cannot be reached"),  # nothing listens on the discard port
+        ({"HF_HUB_OFFLINE": "1"}, "offline mode is on"),
+        ({"TRANSFORMERS_OFFLINE": "1"}, "offline mode is on"),
+    ],
+)
+def test_a_hub_model_that_cant_be_had_fails_fast_and_says_what_to_do(tmp_path, variables, says):
+    start = time.perf_counter()
     result = subprocess.run(
-        ["./finetune.sh", "--max-steps", "3", "--num-workers", "0", "--output-dir", str(out)],
+        ["./finetune.sh", "--output-dir", str(tmp_path / "out")],
         cwd=REPO,
-        env={**os.environ, "MODEL": "tiny", "PYTHON": sys.executable},
+        env=offline_env(tmp_path, **variables),
         capture_output=True,
         text=True,
     )
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
-    assert (out / "model.safetensors").exists()
-
-
-def test_a_hub_model_without_network_fails_fast_and_says_what_to_do(tmp_path):
-    env = {
-        **os.environ,
-        "PYTHON": sys.executable,
-        "HF_HOME": str(tmp_path / "hf"),
-        "HF_ENDPOINT": "http://127.0.0.1:9",
-    }  # nothing listens on the discard port
-    env.pop("HF_HUB_OFFLINE", None)
-    start = time.perf_counter()
-    result = subprocess.run(
-        ["./finetune.sh", "--output-dir", str(tmp_path / "out")], cwd=REPO, env=env, capture_output=True, text=True
-    )
     assert result.returncode != 0
     assert time.perf_counter() - start < 60
+    assert "Traceback" not in result.stderr
     message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: ") and says in message
     assert "Qwen/Qwen2-VL-2B-Instruct" in message and "MODEL=tiny" in message and "--model PATH" in message
+    assert '"lora_r"' not in result.stdout  # the config is printed once the model is found, not before
+
+
+ENTRY_POINTS = {
+    "finetune": lambda model: finetune.main(["--model", model]),
+    "generate": lambda model: generate.main(["--model", model, "--prompt", "Hi"]),
+    "merge": lambda model: merge.main(["--base", model, "--adapter", model, "--out", model + "-merged"]),
+    "inspect_data": lambda model: inspect_data.main(["--model", model]),
+}
+
+
+@pytest.mark.parametrize("entry_point", list(ENTRY_POINTS))
+@pytest.mark.parametrize(
+    "make, says",
+    [
+        (lambda folder: folder.mkdir(), "is not a model folder: it has no config.json"),
+        (lambda folder: folder.write_text("{}"), "is a file, not a model folder"),
+    ],
+)
+def test_a_folder_that_is_not_a_model_is_a_one_line_error(tmp_path, entry_point, make, says):
+    folder = tmp_path / "not-a-model"
+    make(folder)
+    with pytest.raises(SystemExit) as exit_info:
+        ENTRY_POINTS[entry_point](str(folder))
+    message = str(exit_info.value.code)
+    assert message.startswith("error: ") and len(message.splitlines()) == 1 and says in message
+
+
+def test_a_model_without_its_processor_says_so(tmp_path, tiny_model):
+    folder = tmp_path / "weights-only"
+    folder.mkdir()
+    shutil.copy(Path(tiny_model) / "config.json", folder)
+    with pytest.raises(SystemExit) as exit_info:
+        generate.main(["--model", str(folder), "--prompt", "Hi"])
+    assert "has a model but no processor" in str(exit_info.value.code)
+
+
+def test_lora_and_qlora_together_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(["--lora", "--qlora"])
+    assert "--lora and --qlora" in capsys.readouterr().err
+    assert parse_config(["--qlora"]).lora  # QLoRA is LoRA on a 4-bit base
 
 
 def test_the_readme_documents_every_flag():

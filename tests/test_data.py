@@ -47,6 +47,17 @@ BAD_SAMPLES = {
     ),
     "special token in text": (qa(None, "hi <|im_start|>assistant", "x"), "contains the special token <|im_start|>"),
     "not a messages object": ({"conversation": []}, 'expected an object with a "messages" list'),
+    # Another format's media list and placeholder would otherwise train "<image>" as text, without the image.
+    "an images key beside the messages": (
+        {**qa(None, "<image>What colour?", "red"), "images": ["ok.png"]},
+        "the sample has the key 'images', which is not read",
+    ),
+    "a placeholder in text": (qa(None, "<image>What colour?", "red"), "text contains the placeholder <image>"),
+    "a video placeholder in text": (qa(None, "What moves in <video>?", "a dot"), "the placeholder <video>"),
+    "an unread message key": (
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x", "loss": False}]},
+        "message 1 has the key 'loss', which is not read",
+    ),
 }
 
 
@@ -139,3 +150,8 @@ def test_absolute_file_data_and_http_images(tmp_path):
     finally:
         server.shutdown()
     assert [s.image_sizes for s in samples] == [[(60, 150)]] * 4
+
+
+def test_an_id_names_a_sample_and_is_allowed(tmp_path):
+    data = write_json(tmp_path / "data.json", [{"id": "q-17", **qa(None, "Say hi", "hi")}])
+    assert read_samples(data)[0].messages[1]["content"] == [{"type": "text", "text": "hi"}]

@@ -1,8 +1,12 @@
 import json
 
+import pytest
 from helpers import picture, qa, write_json
 
+import finetune
 from qwen_ft import generate
+from qwen_ft.config import parse_config
+from qwen_ft.dist import single_device
 
 
 def test_answers_every_sample_and_scores_exact_match(tmp_path, tiny_model, capsys):
@@ -65,3 +69,25 @@ def test_one_question_about_an_image(tmp_path, tiny_model, capsys):
         ["--model", tiny_model, "--image", str(tmp_path / "a.png"), "--prompt", "Colour?", "--max-new-tokens", "3"]
     )
     assert len(capsys.readouterr().out.strip().splitlines()) <= 3
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_checkpoint_answers_as_the_final_output_of_the_same_step(tmp_path, tiny_model, lora):
+    image = picture(tmp_path, "a.png")
+    data = write_json(tmp_path / "data.json", [qa(image, "What colour is the shape?", "red"), qa(None, "Hi", "hi")])
+    out = tmp_path / "out"
+    flags = ["--model", tiny_model, "--data", data, "--output-dir", str(out), "--num-workers", "0"]
+    flags += ["--max-steps", "2", "--save-every", "2", "--lr", "1e-3"] + (["--lora"] if lora else [])
+    finetune.train(parse_config(flags), single_device())
+    checkpoint = out / "checkpoints" / "step-00000002"
+
+    def predictions(folder) -> list[str]:
+        where = ["--model", tiny_model, "--adapter", str(folder)] if lora else ["--model", str(folder)]
+        generate.main([*where, "--data", data, "--out", str(tmp_path / "p.jsonl"), "--max-new-tokens", "5"])
+        return [json.loads(line)["prediction"] for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+
+    assert predictions(checkpoint) == predictions(out)
+    if lora:  # an adapter is not a model: the error says how to use it
+        with pytest.raises(SystemExit) as exit_info:
+            generate.main(["--model", str(checkpoint), "--prompt", "Hi"])
+        assert "holds a LoRA adapter" in str(exit_info.value.code) and "--adapter" in str(exit_info.value.code)

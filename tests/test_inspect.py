@@ -1,5 +1,6 @@
 import json
 
+import pytest
 from helpers import picture, qa, write_json
 
 from qwen_ft import inspect_data
@@ -34,3 +35,25 @@ def test_text_output_marks_the_trained_spans(tmp_path, tiny_model, capsys):
     assert "[[red<|im_end|>]]" in out
     assert "<|image_pad|>*16" in out
     assert "16 image tokens" in out and "2 trained tokens" in out
+
+
+def test_limit_shows_the_first_samples_and_the_totals_add_them_up(tmp_path, tiny_model, capsys):
+    samples = [qa(picture(tmp_path, "a.png"), "What colour is the shape?", "red"), qa(None, "Say hi", "hi")]
+    data = write_json(tmp_path / "data.json", samples + [qa(None, "Never shown", "no")])
+    inspect_data.main(["--model", tiny_model, "--data", data, "--json", "--limit", "2"])
+    captured = capsys.readouterr()
+    rows = [json.loads(line) for line in captured.out.splitlines()]
+    assert [r["index"] for r in rows] == [0, 1]
+    tokens, image_tokens, trained = (sum(r[key] for r in rows) for key in ("tokens", "image_tokens", "trained_tokens"))
+    assert captured.err.strip().splitlines()[-1] == (
+        f"2 samples: {tokens} tokens, {tokens - image_tokens} text tokens, {image_tokens} image tokens, "
+        f"0 video tokens, {trained} trained tokens"
+    )
+
+
+def test_help_lists_only_the_flags_that_shape_the_data(capsys):
+    with pytest.raises(SystemExit):
+        inspect_data.main(["--help"])
+    help_text = capsys.readouterr().out
+    assert "--max-pixels" in help_text and "--limit" in help_text and "--json" in help_text
+    assert "--lr" not in help_text and "--lora" not in help_text and "--save-every" not in help_text

@@ -185,7 +185,8 @@ def test_output_is_a_peft_adapter_that_restores_lora_and_the_merger(tiny_model, 
 def test_merged_model_gives_the_logits_of_base_plus_adapter(tmp_path, tiny_model, trained_adapter, processor):
     folder, out, _ = trained_adapter
     merged_dir = tmp_path / "merged"
-    merge.main(["--base", tiny_model, "--adapter", str(out), "--out", str(merged_dir), "--dtype", "fp32"])
+    merge.main(["--base", tiny_model, "--adapter", str(out), "--out", str(merged_dir)])
+    assert json.loads((merged_dir / "config.json").read_text())["dtype"] == "float32"  # the base's, by default
 
     samples = read_samples(dataset(folder))
     check_media(samples)
@@ -195,7 +196,7 @@ def test_merged_model_gives_the_logits_of_base_plus_adapter(tmp_path, tiny_model
     with torch.no_grad():
         plain = base(**batch).logits
         with_adapter = PeftModel.from_pretrained(base, out).eval()(**batch).logits
-        merged = AutoModelForImageTextToText.from_pretrained(merged_dir, dtype=torch.float32)(**batch).logits
+        merged = AutoModelForImageTextToText.from_pretrained(merged_dir, dtype="auto")(**batch).logits
     assert not torch.allclose(with_adapter, plain, atol=1e-3)  # the adapter does something
     torch.testing.assert_close(merged, with_adapter, rtol=1e-5, atol=1e-5)
     assert (merged_dir / "processor_config.json").exists() and not (merged_dir / "adapter_config.json").exists()
@@ -205,10 +206,10 @@ def test_a_qlora_adapter_merges_into_full_precision_weights(tmp_path, tiny_model
     out = tmp_path / "out"
     train(tiny_model, dataset(tmp_path), out, "--qlora", "--max-steps", "3", "--lr", "3e-3")
     merged_dir = tmp_path / "merged"
-    merge.main(["--base", tiny_model, "--adapter", str(out), "--out", str(merged_dir)])
+    merge.main(["--base", tiny_model, "--adapter", str(out), "--out", str(merged_dir), "--dtype", "bf16"])
     config = json.loads((merged_dir / "config.json").read_text())
-    assert "quantization_config" not in config
-    merged = AutoModelForImageTextToText.from_pretrained(merged_dir)
+    assert "quantization_config" not in config and config["dtype"] == "bfloat16"
+    merged = AutoModelForImageTextToText.from_pretrained(merged_dir, dtype="auto")
     assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}
     assert type(merged.model.language_model.layers[0].self_attn.q_proj) is torch.nn.Linear
 

@@ -83,11 +83,22 @@ def test_loss_falls_when_overfitting_a_batch(tmp_path, tiny_model):
 )
 def test_precision_sets_the_dtype_of_the_weights(tmp_path, tiny_model, precision, trained_dtype, frozen_dtype):
     out = tmp_path / "out"
-    model = train(tiny_model, small_dataset(tmp_path), out, "--max-steps", "2", "--precision", precision)
+    flags = ["--max-steps", "2", "--save-every", "2", "--precision", precision]
+    model = train(tiny_model, small_dataset(tmp_path), out, *flags)
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {trained_dtype}
     assert {p.dtype for p in model.model.visual.blocks.parameters()} == {frozen_dtype}  # frozen by default
     assert all(p.grad is None for p in model.parameters())  # zeroed after the step
     assert all(m["loss"] == m["loss"] for m in metrics(out))  # finite, not NaN
+
+    # The output and the checkpoint are written in the trained weights' dtype, which config.json names,
+    # so that dtype="auto" loads every weight exactly as it was in memory.
+    for folder in (out, out / "checkpoints" / "step-00000002"):
+        assert json.loads((folder / "config.json").read_text())["dtype"] == str(trained_dtype).split(".")[1]
+        loaded = AutoModelForImageTextToText.from_pretrained(folder, dtype="auto")
+        trained = dict(model.named_parameters())
+        for name, param in loaded.named_parameters():
+            assert param.dtype == trained_dtype
+            torch.testing.assert_close(param, trained[name].to(trained_dtype), rtol=0, atol=0)
 
 
 def test_bf16_mixed_computes_in_bf16(tmp_path, tiny_model, processor):
