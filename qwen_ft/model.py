@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import try_to_load_from_cache
+from huggingface_hub.errors import HFValidationError
 from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
 
@@ -53,7 +54,10 @@ def check_available(name: str, processor: bool = False, timeout_s: float = 5.0) 
     if Path(name).exists():
         check_model_dir(Path(name), processor)
         return
-    cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    try:
+        cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except HFValidationError:  # not of the hub's "namespace/name" form either: a folder that isn't there
+        raise ModelUnavailable(f"model folder '{name}' not found") from None
     if hub_constants.HF_HUB_OFFLINE:  # HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE
         if cached:
             return

@@ -120,6 +120,7 @@ ENTRY_POINTS = {
     [
         (lambda folder: folder.mkdir(), "is not a model folder: it has no config.json"),
         (lambda folder: folder.write_text("{}"), "is a file, not a model folder"),
+        (lambda folder: None, "not found"),
     ],
 )
 def test_a_folder_that_is_not_a_model_is_a_one_line_error(tmp_path, entry_point, make, says):
