@@ -21,9 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.checkpoint import checkpoint
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from qwen_ft.batching import BatchPlan, check_token_budget
 from qwen_ft.checkpoint import (
     check_resume_config,
     find_checkpoint,
@@ -46,6 +48,8 @@ from qwen_ft.model import (
     trainable_table,
 )
 from qwen_ft.optim import make_optimizer, make_scheduler
+from qwen_ft.packing import real_tokens, rope_index_of
+from qwen_ft.report import run_summary
 from qwen_ft.stop import RunStopped, StopSignal, ignore_signals, out_of_memory
 
 
@@ -63,15 +67,15 @@ def forward_backward(model, window: list[dict], dist: Dist, autocast) -> tuple[t
     for i, batch in enumerate(window):
         batch = {key: value.to(dist.device, non_blocking=True) for key, value in batch.items()}
         labels = batch.pop("labels")
+        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # the token each position predicts
+        trained = targets != IGNORE_INDEX
         with dist.no_sync(model, sync=i == len(window) - 1):
             with autocast():
-                logits = model(**batch).logits
-            loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(),
-                labels[:, 1:].flatten(),
-                ignore_index=IGNORE_INDEX,
-                reduction="sum",
-            )
+                # The output head runs on the trained positions alone, inside the model's forward (so
+                # DDP and FSDP see it): logits of (trained tokens, vocab), not (batch, length, vocab).
+                # No KV cache: it only serves generation, and it would hide packed samples' boundaries.
+                logits = model(**batch, logits_to_keep=trained, use_cache=False).logits
+            loss = cross_entropy_sum(logits, targets[trained])
             if loss.requires_grad:  # false for a text-only micro-batch when only vision parts train
                 # DDP and FSDP average gradients over ranks; the loss is already a share of the
                 # whole window's, so multiply the average back into a sum.
@@ -80,19 +84,28 @@ def forward_backward(model, window: list[dict], dist: Dist, autocast) -> tuple[t
     return loss_sum, trained_tokens
 
 
-def micro_batches(samples, sampler: DistributedSampler, collator: Collator, cfg: Config, start: int):
+def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Summed cross-entropy in fp32, `chunk` tokens at a time. Each chunk's fp32 logits and softmax are
+    recomputed in backward rather than kept, so memory holds one chunk of them, however long the answers."""
+
+    def chunk_loss(chunk_logits, chunk_targets):
+        return F.cross_entropy(chunk_logits.float(), chunk_targets, reduction="sum")
+
+    pieces = zip(logits.split(chunk), targets.split(chunk))
+    return sum(checkpoint(chunk_loss, piece, target, use_reentrant=False) for piece, target in pieces)
+
+
+def micro_batches(samples, plan: BatchPlan, collator: Collator, cfg: Config, start: int):
     """Micro-batches without end, from the start-th on (a resumed run skips what it already took),
     in a new order each epoch, fixed by the seed and the epoch."""
-    per_epoch = math.ceil(len(sampler) / cfg.batch_size)
-    first_epoch, skip = divmod(start, per_epoch)
-    for epoch in itertools.count(first_epoch):
-        sampler.set_epoch(epoch)
-        order = list(sampler)[skip * cfg.batch_size :]  # skipping indices loads nothing
-        skip = 0
+    for epoch in itertools.count():
+        batches = plan.epoch(epoch)
+        if start >= len(batches):  # skipping sample indices loads nothing
+            start -= len(batches)
+            continue
         yield from DataLoader(
             samples,
-            batch_size=cfg.batch_size,
-            sampler=order,
+            batch_sampler=batches[start:],
             collate_fn=collator,
             num_workers=cfg.num_workers,
             pin_memory=torch.cuda.is_available(),
@@ -101,6 +114,7 @@ def micro_batches(samples, sampler: DistributedSampler, collator: Collator, cfg:
             # random numbers differ from those of a run never interrupted.
             generator=torch.Generator().manual_seed(cfg.seed + epoch),
         )
+        start = 0
 
 
 def train(cfg: Config, dist: Dist):
@@ -120,12 +134,15 @@ def train(cfg: Config, dist: Dist):
     # so bad input stops the run in seconds rather than after minutes of loading weights.
     processor = load_processor(cfg.model, cfg.min_pixels, cfg.max_pixels, cfg.video_max_pixels, cfg.trust_remote_code)
     dist.print(json.dumps(dataclasses.asdict(cfg), indent=1))  # once the model is known to be there
-    collator = Collator(processor, cfg.max_length, cfg.video(), blank_image=dist.world_size > 1)
+    rope_index = rope_index_of(cfg.model, cfg.trust_remote_code) if cfg.packing else None
+    collator = Collator(processor, cfg.max_length, cfg.video(), blank_image=dist.world_size > 1, rope_index=rope_index)
     samples = read_samples(cfg.data, cfg.media_root, collator.tokens.all_strings)
     check_media(samples, cfg.video(), collator.video_factor, dist=dist)  # each process checks a share
     samples = collator.drop_overlong(samples, quiet=not dist.is_main)
     if not samples:
         raise DataError(f"{cfg.data}: no sample fits in --max-length {cfg.max_length}")
+    if cfg.max_tokens:
+        check_token_budget(samples, cfg.max_tokens)
 
     # Model: weights load in bf16 (4-bit for QLoRA) unless --precision fp32
     frozen = {"vision": cfg.freeze_vision, "merger": cfg.freeze_merger, "llm": cfg.freeze_llm}
@@ -133,7 +150,6 @@ def train(cfg: Config, dist: Dist):
     model = load_model(
         cfg.model, cfg.precision, cfg.attn_implementation, dist.load_device, quantization, cfg.trust_remote_code
     )
-    model.config.use_cache = False  # the KV cache only serves generation
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing needs no inputs that require grad, so it also works when the
         # embeddings are frozen (LoRA, QLoRA).
@@ -152,12 +168,15 @@ def train(cfg: Config, dist: Dist):
     model = dist.wrap(model, torch.float32 if cfg.precision == "fp32" else torch.bfloat16)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
-    # Optimizer and schedule; the sampler deals the samples to the ranks (all of them, with one).
+    # Optimizer and schedule; the plan deals the micro-batches to the ranks (all of them, with one).
     part_lr = {"vision": cfg.vision_lr, "merger": cfg.merger_lr}
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, dist.device, part_lr)
-    sampler = DistributedSampler(samples, dist.world_size, dist.rank, shuffle=cfg.shuffle, seed=cfg.seed)
-    batches_per_epoch = math.ceil(len(sampler) / cfg.batch_size)
-    total_steps = cfg.max_steps or math.ceil(cfg.epochs * batches_per_epoch / cfg.grad_accum)
+    lengths = tuple(sample.length for sample in samples)
+    plan = BatchPlan(
+        lengths, cfg.batch_size, cfg.max_tokens, cfg.packing, cfg.shuffle, cfg.seed, dist.rank, dist.world_size
+    )
+    batches_per_epoch = len(plan.epoch(0))  # the same every epoch, but for --max-tokens: about the same
+    total_steps = cfg.max_steps or math.ceil(plan.micro_batches_in(cfg.epochs) / cfg.grad_accum)
     scheduler = make_scheduler(optimizer, cfg.warmup_steps, total_steps)
 
     # Resume: weights, optimizer, schedule, random state and data position of the checkpoint.
@@ -165,7 +184,7 @@ def train(cfg: Config, dist: Dist):
     if resume_from:
         state = load_checkpoint(resume_from, model, optimizer, scheduler, dist)
         start_step, counters = state["step"], {name: state[name] for name in counters}
-    batches = micro_batches(samples, sampler, collator, cfg, start=start_step * cfg.grad_accum)
+    batches = micro_batches(samples, plan, collator, cfg, start=start_step * cfg.grad_accum)
 
     # Loop: `step` counts optimizer steps; each takes grad_accum micro-batches.
     out.mkdir(parents=True, exist_ok=True)
@@ -195,8 +214,10 @@ def train(cfg: Config, dist: Dist):
             optimizer.zero_grad(set_to_none=True)
 
             loss = (dist.all_reduce_sum(loss_sum) / trained_tokens).item()
-            counts = torch.tensor([sum(int(b["attention_mask"].sum()) for b in window), len(bad_samples)])
-            tokens, skipped = dist.all_reduce_sum(counts.to(dist.device)).tolist()
+            real = sum(real_tokens(b) for b in window)
+            computed = sum(b["input_ids"].numel() for b in window)  # padding included
+            counts = torch.tensor([real, computed - real, len(bad_samples)])
+            tokens, padded_tokens, skipped = dist.all_reduce_sum(counts.to(dist.device)).tolist()
             bad_in_a_row = 0 if finite else bad_in_a_row + 1
             counters["bad_steps"] += not finite
             counters["skipped_samples"] += skipped
@@ -208,6 +229,7 @@ def train(cfg: Config, dist: Dist):
                 "grad_norm": grad_norm.item(),
                 "trained_tokens": int(trained_tokens.item()),
                 "tokens": tokens,
+                "padded_tokens": padded_tokens,
                 "tokens_per_s": round(tokens / (time.perf_counter() - began), 1),
                 "peak_memory_gib": dist.peak_memory_gib(),
                 "skipped_step": not finite,
@@ -243,8 +265,7 @@ def train(cfg: Config, dist: Dist):
     if dist.is_main:
         save_model(out, dist.unwrap(model), state_dict)
         processor.save_pretrained(out)
-        summary = f"{counters['bad_steps']} non-finite steps skipped, {counters['skipped_samples']} bad samples skipped"
-        dist.print(f"saved the fine-tuned model to {out} ({summary})")
+        dist.print(f"saved the fine-tuned model to {out}\n{run_summary(out / 'metrics.jsonl')}")
     return model
 
 

@@ -13,6 +13,7 @@ from transformers.video_utils import VideoMetadata
 from qwen_ft.config import ConfigError
 from qwen_ft.data import Sample
 from qwen_ft.media import MediaError, load_image
+from qwen_ft.packing import pack
 from qwen_ft.video import VideoError, VideoSettings, load_video
 
 IGNORE_INDEX = -100  # label of positions that don't count in the loss (cross_entropy's ignore_index)
@@ -76,8 +77,17 @@ def assistant_labels(ids: list[int], tokens: SpecialTokens) -> list[int]:
 class Collator:
     """Turns a list of samples into one right-padded batch with labels."""
 
-    def __init__(self, processor, max_length: int, video: VideoSettings | None = None, blank_image: bool = False):
+    def __init__(
+        self,
+        processor,
+        max_length: int,
+        video: VideoSettings | None = None,
+        blank_image: bool = False,
+        rope_index=None,
+    ):
+        """rope_index: the model's (packing.rope_index_of) to pack each batch into one row; None pads."""
         self.processor = processor
+        self.rope_index = rope_index
         self.max_length = max_length
         self.blank_image = blank_image  # give batches without images one, masked out (add_blank_image)
         self.video = video or VideoSettings()  # defaults for video parts; a sample's own keys override them
@@ -145,6 +155,8 @@ class Collator:
         batch["labels"] = labels
         if self.blank_image and "pixel_values" not in batch and "pixel_values_videos" not in batch:
             batch = self.add_blank_image(batch)
+        if self.rope_index is not None:
+            batch = pack(batch, self.rope_index)
         return {**batch, "bad_samples": bad}
 
     def add_blank_image(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -170,6 +182,9 @@ class Collator:
             "mm_token_type_ids": torch.zeros(rows, len(tokens), dtype=torch.long),
         }
         columns["input_ids"][0] = tokens
+        # Packed, the image ends the first sample's segment instead: under causal attention no token
+        # of that sample looks ahead at it, and the next sample's segment starts after it.
+        columns["attention_mask"][0] = int(self.rope_index is not None)
         columns["mm_token_type_ids"][0] = (tokens == self.tokens.image_pad).long()  # 1: an image token
         batch = {k: torch.cat([v, columns[k].to(v.dtype)], dim=1) if k in columns else v for k, v in batch.items()}
         return {**batch, "pixel_values": image["pixel_values"], "image_grid_thw": image["image_grid_thw"]}
@@ -206,6 +221,7 @@ class Collator:
         kept, skipped, cut = [], [], 0
         for sample in samples:
             ids = self.token_ids(sample)
+            sample.length = min(len(ids), self.max_length)
             if len(ids) > self.max_length:
                 vision_end = max((i + 1 for i, t in enumerate(ids) if t == self.tokens.vision_end), default=0)
                 trained = any(label != IGNORE_INDEX for label in assistant_labels(ids[: self.max_length], self.tokens))

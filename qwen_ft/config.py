@@ -51,7 +51,15 @@ class Config:
     # Schedule
     epochs: int = option(1, "passes over the data (ignored when --max-steps is set)")
     max_steps: int | None = option(None, "stop after this many optimizer steps, cycling through the data as needed")
-    batch_size: int = option(2, "samples per micro-batch")
+    batch_size: int = option(2, "samples per micro-batch (with --max-tokens: the most samples in one)")
+    max_tokens: int | None = option(
+        None,
+        "form micro-batches of at most this many tokens (padding included, unless --packing), grouping samples "
+        "of similar length",
+    )
+    packing: bool = option(
+        False, "put each micro-batch's samples in one row without padding; attention stays within each sample"
+    )
     grad_accum: int = option(4, "micro-batches per optimizer step")
     lr: float = option(1e-5, "peak learning rate of the LLM and of LoRA adapters; warm-up, then cosine decay to 0")
     vision_lr: float | None = option(None, "peak learning rate of the vision tower trained in full (default: --lr)")
@@ -109,7 +117,8 @@ class Config:
     def __post_init__(self):
         positive = ["epochs", "batch_size", "grad_accum", "max_length", "min_pixels", "max_pixels", "video_max_frames"]
         positive += ["keep_last", "max_bad_steps"]
-        for name in positive + (["max_steps"] if self.max_steps is not None else []):
+        optional = [name for name in ("max_steps", "max_tokens") if getattr(self, name) is not None]
+        for name in positive + optional:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.min_pixels > self.max_pixels:

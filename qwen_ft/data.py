@@ -49,6 +49,7 @@ class Sample:
     messages: list[dict]
     image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (height, width), filled by check_media
     video_shapes: list[tuple[int, int, int]] = field(default_factory=list)  # (frames, height, width) as input
+    length: int = 0  # tokens as model input, filled by Collator.drop_overlong
 
     @property
     def where(self) -> str:

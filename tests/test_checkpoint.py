@@ -25,6 +25,9 @@ REPO = Path(__file__).resolve().parent.parent
 STEPS = 30
 TIMEOUT_S = 300
 LORA = ["--lora", "--lora-r", "4", "--lr", "1e-2"]  # LoRA dropout stays on: resume must restore the RNG
+# Packed micro-batches of at most 300 tokens, whose count varies from epoch to epoch.
+PACKED = ["--packing", "--max-tokens", "300", "--batch-size", "4"]
+MODES = {"full": [], "lora": LORA, "packed": PACKED}
 
 
 def dataset(folder) -> str:
@@ -94,17 +97,17 @@ def reference(tiny_model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("reference")
     data = dataset(folder)
     losses = {}
-    for name, extra in (("full", []), ("lora", LORA)):
+    for name, extra in MODES.items():
         code, _, err = run(flags(tiny_model, data, folder / name, *extra))
         assert code == 0, err[-3000:]
         losses[name] = [r["loss"] for r in rows(folder / name)]
     return data, losses
 
 
-@pytest.mark.parametrize("mode, stop", [("full", signal.SIGTERM), ("lora", signal.SIGINT)])
+@pytest.mark.parametrize("mode, stop", [("full", signal.SIGTERM), ("lora", signal.SIGINT), ("packed", signal.SIGTERM)])
 def test_a_signal_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_model, reference, mode, stop):
     data, losses = reference
-    args = flags(tiny_model, data, tmp_path / "out", *(LORA if mode == "lora" else []))
+    args = flags(tiny_model, data, tmp_path / "out", *MODES[mode])
     process = launch(args)
     wait_for_steps(process, tmp_path / "out", 5)
     process.send_signal(stop)
@@ -124,7 +127,7 @@ def test_a_signal_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_model, 
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_kill_9_between_checkpoints_loses_only_the_steps_since_the_last(tmp_path, tiny_model, reference, mode):
     data, losses = reference
-    args = flags(tiny_model, data, tmp_path / "out", *(LORA if mode == "lora" else []))
+    args = flags(tiny_model, data, tmp_path / "out", *MODES[mode])
     process = launch(args)
     wait_for_steps(process, tmp_path / "out", 6)
     kill_tree(process)
@@ -193,17 +196,17 @@ def test_keep_last(tmp_path, tiny_model, reference):
 
 
 def nan_after(monkeypatch, calls: int, then=None):
-    """Make the loss NaN on every cross_entropy call after the first `calls` (for `then` calls, or all)."""
+    """Make the loss NaN on every micro-batch after the first `calls` (for `then` micro-batches, or all)."""
     count = []
-    real = finetune.F.cross_entropy
+    real = finetune.cross_entropy_sum
 
-    def cross_entropy(*args, **kwargs):
+    def cross_entropy_sum(*args, **kwargs):
         count.append(1)
         loss = real(*args, **kwargs)
         poisoned = len(count) > calls and (then is None or len(count) <= calls + then)
         return loss * float("nan") if poisoned else loss
 
-    monkeypatch.setattr(finetune.F, "cross_entropy", cross_entropy)
+    monkeypatch.setattr(finetune, "cross_entropy_sum", cross_entropy_sum)
 
 
 def test_a_non_finite_step_is_skipped_and_counted(tmp_path, tiny_model, reference, monkeypatch):

@@ -66,7 +66,9 @@ def single_process(tiny_model, data, out, *extra):
     return finetune.train(parse_config(flags(tiny_model, data, out, *extra)), single_device())
 
 
-@pytest.mark.parametrize("mode", [[], ["--lora", "--lora-dropout", "0", "--lora-r", "4", "--lr", "1e-2"]])
+@pytest.mark.parametrize(
+    "mode", [[], ["--lora", "--lora-dropout", "0", "--lora-r", "4", "--lr", "1e-2"], ["--packing"]]
+)
 def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, tiny_model, mode):
     data = dataset(tmp_path)
     single_process(tiny_model, data, tmp_path / "one", "--batch-size", "2", "--grad-accum", "2", *mode)
