@@ -75,6 +75,8 @@ def main() -> None:
     parser.add_argument("--image-tokens", type=int, default=1024, help="of which image tokens (a square number)")
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps to run")
     parser.add_argument("--warmup", type=int, default=2, help="first steps left out of tokens/s")
+    parser.add_argument("--launch", choices=["python", "ddp", "fsdp"], default="python",
+                        help="finetune.py, or finetune_distributed.py in one process with DDP or FSDP2")  # fmt: skip
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "qwen-ft-bench",
                         help="where the model (built once per size) and the runs go")  # fmt: skip
     args, finetune_flags = parser.parse_known_args()
@@ -83,13 +85,20 @@ def main() -> None:
     model = args.work_dir / f"qwen2-vl-{args.size}"
     print(f"qwen2-vl {args.size} with random weights in {model} (built unless already there)", flush=True)
     build(model, size=args.size, reuse=True)
-    run = args.work_dir / f"run-{args.size}-{args.mode}-{args.tokens}"
+    run = args.work_dir / f"run-{args.size}-{args.mode}-{args.tokens}-{args.launch}"
     run.mkdir(parents=True, exist_ok=True)
     image_pixels = args.image_tokens * PIXELS_PER_TOKEN**2
     data = write_sample(run, load_processor(str(model), image_pixels, image_pixels), args.tokens, args.image_tokens)
 
+    launch = {
+        "python": [sys.executable, str(REPO / "finetune.py")],
+        # One process through finetune_distributed.py: the DDP or FSDP2 wiring, at world size 1.
+        "ddp": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+                str(REPO / "finetune_distributed.py")],
+    }  # fmt: skip
+    launch["fsdp"] = [*launch["ddp"], "--fsdp"]
     command = [
-        sys.executable, str(REPO / "finetune.py"), "--model", str(model), "--data", str(data),
+        *launch[args.launch], "--model", str(model), "--data", str(data),
         "--output-dir", str(run / "out"), "--max-steps", str(args.steps), "--batch-size", "1", "--grad-accum", "1",
         "--max-length", str(args.tokens), "--min-pixels", str(image_pixels), "--max-pixels", str(image_pixels),
         "--warmup-steps", "0", "--save-every", "0", "--num-workers", "1", *MODES[args.mode], *finetune_flags,
@@ -106,10 +115,11 @@ def main() -> None:
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     flags = " ".join(finetune_flags) or "-"
+    mode = args.mode if args.launch == "python" else f"{args.mode}, {args.launch} in 1 process"
     print("\n| device | date | size | mode | tokens (image) | finetune.py flags | tokens/s | peak memory |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     print(
-        f"| {device} | {datetime.date.today()} | {args.size} | {args.mode} | {args.tokens} ({args.image_tokens}) "
+        f"| {device} | {datetime.date.today()} | {args.size} | {mode} | {args.tokens} ({args.image_tokens}) "
         f"| {flags} | {tokens_per_s:.0f} | {f'{peak:.2f} GiB' if peak else 'n/a (CPU)'} |"
     )
     print(f"\nCommand: python bench/{Path(__file__).name} {shlex.join(sys.argv[1:])}")

@@ -175,8 +175,9 @@ FULL_SIZES = {
 }
 
 
-def make_config(tokenizer, arch: str = "qwen2-vl", size: str = "tiny"):
-    """The model config for this tokenizer's special tokens: tiny, or the published shapes of a size."""
+def make_config(tokenizer, arch: str = "qwen2-vl", size: str = "tiny", llm_layers: int | None = None):
+    """The model config for this tokenizer's special tokens: tiny, or the published shapes of a size
+    (with llm_layers decoder layers instead of its own, for benchmarks that need the widths only)."""
     if size != "tiny" and arch != "qwen2-vl":
         raise ValueError(f"size {size!r} exists for qwen2-vl only")
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
@@ -187,6 +188,8 @@ def make_config(tokenizer, arch: str = "qwen2-vl", size: str = "tiny"):
         full = FULL_SIZES[size]
         text = dict(full["text"], max_position_embeddings=32768, rope_parameters=QWEN_ROPE)
         vision, tie_word_embeddings = full["vision"], full["tie_word_embeddings"]
+    if llm_layers:
+        text["num_hidden_layers"] = llm_layers
     return ARCHITECTURES[arch][0](
         text_config=dict(
             **text,
@@ -208,14 +211,21 @@ def make_config(tokenizer, arch: str = "qwen2-vl", size: str = "tiny"):
 RECIPE_FILE = "qwen_ft_tiny.json"
 
 
-def recipe(seed: int, arch: str, size: str) -> dict:
+def recipe(seed: int, arch: str, size: str, llm_layers: int | None) -> dict:
     """Everything the written files depend on; the builder's own code and the library versions included."""
     code = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
-    return {"seed": seed, "arch": arch, "size": size, "builder": code,
+    return {"seed": seed, "arch": arch, "size": size, "llm_layers": llm_layers, "builder": code,
             "transformers": transformers.__version__, "torch": torch.__version__}  # fmt: skip
 
 
-def build(out_dir: str | Path, seed: int = 0, arch: str = "qwen2-vl", size: str = "tiny", reuse: bool = False) -> Path:
+def build(
+    out_dir: str | Path,
+    seed: int = 0,
+    arch: str = "qwen2-vl",
+    size: str = "tiny",
+    reuse: bool = False,
+    llm_layers: int | None = None,
+) -> Path:
     """Write the checkpoint; size "2b" or "7b" gives the published Qwen2-VL shapes instead (bf16 weights,
     initialised on the GPU when there is one: 7B in fp32 on the CPU would take 33 GB).
 
@@ -225,16 +235,16 @@ def build(out_dir: str | Path, seed: int = 0, arch: str = "qwen2-vl", size: str 
     """
     out_dir = Path(out_dir)
     if not reuse:
-        write(out_dir, seed, arch, size)
+        write(out_dir, seed, arch, size, llm_layers)
         return out_dir
     try:
-        if json.loads((out_dir / RECIPE_FILE).read_text()) == recipe(seed, arch, size):
+        if json.loads((out_dir / RECIPE_FILE).read_text()) == recipe(seed, arch, size, llm_layers):
             return out_dir
     except (OSError, ValueError):  # not built yet, or cut short
         pass
     staging = out_dir.with_name(f".{out_dir.name}.building-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
-    write(staging, seed, arch, size)
+    write(staging, seed, arch, size, llm_layers)
     shutil.rmtree(out_dir, ignore_errors=True)
     try:
         staging.rename(out_dir)
@@ -243,11 +253,11 @@ def build(out_dir: str | Path, seed: int = 0, arch: str = "qwen2-vl", size: str 
     return out_dir
 
 
-def write(out_dir: Path, seed: int, arch: str, size: str) -> None:
+def write(out_dir: Path, seed: int, arch: str, size: str, llm_layers: int | None) -> None:
     """The checkpoint's files, RECIPE_FILE last."""
     _, model_class, processor_class = ARCHITECTURES[arch]
     tokenizer = build_tokenizer()
-    config = make_config(tokenizer, arch, size)
+    config = make_config(tokenizer, arch, size, llm_layers)
     torch.manual_seed(seed)
     if size == "tiny":
         model = model_class(config)
@@ -270,7 +280,7 @@ def write(out_dir: Path, seed: int, arch: str, size: str) -> None:
         chat_template=CHAT_TEMPLATE,
     )
     processor.save_pretrained(out_dir)
-    (out_dir / RECIPE_FILE).write_text(json.dumps(recipe(seed, arch, size), indent=1) + "\n")
+    (out_dir / RECIPE_FILE).write_text(json.dumps(recipe(seed, arch, size, llm_layers), indent=1) + "\n")
 
 
 def main() -> None:
@@ -283,13 +293,14 @@ def main() -> None:
     parser.add_argument(
         "--size", choices=["tiny", *FULL_SIZES], default="tiny", help="tiny, or a published Qwen2-VL size"
     )
+    parser.add_argument("--llm-layers", type=int, help="decoder layers instead of the size's own")
     parser.add_argument(
         "--reuse", action="store_true", help="keep out_dir as it is if it already holds this exact build"
     )
     args = parser.parse_args()
     if args.size != "tiny" and args.arch != "qwen2-vl":
         parser.error(f"--size {args.size} exists for qwen2-vl only")
-    print(build(args.out_dir, args.seed, args.arch, args.size, args.reuse))
+    print(build(args.out_dir, args.seed, args.arch, args.size, args.reuse, args.llm_layers))
 
 
 if __name__ == "__main__":

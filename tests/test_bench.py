@@ -30,7 +30,7 @@ def test_throughput_benchmark_trains_on_samples_of_the_asked_length(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     row = next(line for line in run.stdout.splitlines() if line.startswith("| CPU |"))
     assert "| tiny | lora | 200 (16) | --lora-r 4 |" in row
-    metrics = (tmp_path / "run-tiny-lora-200" / "out" / "metrics.jsonl").read_text().splitlines()
+    metrics = (tmp_path / "run-tiny-lora-200-python" / "out" / "metrics.jsonl").read_text().splitlines()
     steps = [json.loads(line) for line in metrics]
     assert [s["tokens"] for s in steps] == [200, 200, 200]
     assert float(row.split("|")[7]) == round(statistics.median(s["tokens_per_s"] for s in steps[1:]))
