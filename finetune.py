@@ -98,23 +98,29 @@ def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 
 def micro_batches(samples, plan: BatchPlan, collator: Collator, cfg: Config, start: int):
     """Micro-batches without end, from the start-th on (a resumed run skips what it already took),
     in a new order each epoch, fixed by the seed and the epoch."""
-    for epoch in itertools.count():
-        batches = plan.epoch(epoch)
-        if start >= len(batches):  # skipping sample indices loads nothing
-            start -= len(batches)
-            continue
-        yield from DataLoader(
+
+    def indices():
+        skip = start
+        for epoch in itertools.count():
+            batches = plan.epoch(epoch)
+            yield from batches[skip:]  # skipping sample indices loads nothing
+            skip = max(0, skip - len(batches))
+
+    # One DataLoader for the whole run: its workers load across epoch boundaries instead of
+    # starting anew every epoch.
+    return iter(
+        DataLoader(
             samples,
-            batch_sampler=batches[start:],
+            batch_sampler=indices(),
             collate_fn=collator,
             num_workers=cfg.num_workers,
             pin_memory=torch.cuda.is_available(),
             worker_init_fn=ignore_signals,
             # Its own generator: drawing worker seeds from the global one would make a resumed run's
             # random numbers differ from those of a run never interrupted.
-            generator=torch.Generator().manual_seed(cfg.seed + epoch),
+            generator=torch.Generator().manual_seed(cfg.seed),
         )
-        start = 0
+    )
 
 
 def train(cfg: Config, dist: Dist):

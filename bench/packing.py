@@ -88,8 +88,8 @@ def main() -> None:
     extra = [f for f in extra if f != "--"]
 
     layers = args.llm_layers or None
-    name = f"qwen2-vl-{args.size}" + (f"-{layers}-layers" if layers else "")
-    model = build(args.work_dir / name, size=args.size, reuse=True, llm_layers=layers)
+    model_name = f"qwen2-vl-{args.size}" + (f"-{layers}-layers" if layers else "")
+    model = build(args.work_dir / model_name, size=args.size, reuse=True, llm_layers=layers)
     folder = args.work_dir / f"packing-{args.size}"
     folder.mkdir(parents=True, exist_ok=True)
     step = (args.longest - args.shortest) / max(1, args.samples - 1)
@@ -121,7 +121,7 @@ def main() -> None:
         speed = statistics.median(r[0] for r in results[name])
         padding, steps = results[name][0][1], results[name][0][2]
         print(
-            f"| {device} | {datetime.date.today()} | {name} | {args.samples} ({args.shortest}-{args.longest}) "
+            f"| {device} | {datetime.date.today()} | {model_name} | {args.samples} ({args.shortest}-{args.longest}) "
             f"| {name} | {' '.join([*flags, *extra])} | {steps} | {padding:.1%} | {speed:.0f} |"
         )
     padded = statistics.median(r[0] for r in results["padded"])

@@ -22,7 +22,8 @@ def make_optimizer(model, lr: float, weight_decay: float, device: torch.device, 
             # Biases and norm scales are 1-D: decaying them towards 0 only hurts.
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr": part_peak},
         ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, fused=device.type == "cuda")
+    # The fused kernel updates every parameter in one pass; it exists for CUDA and the CPU.
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, fused=device.type in ("cuda", "cpu"))
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
