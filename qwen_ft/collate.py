@@ -75,7 +75,7 @@ def assistant_labels(ids: list[int], tokens: SpecialTokens) -> list[int]:
 
 
 class Collator:
-    """Turns a list of samples into one right-padded batch with labels."""
+    """Turns a list of samples into one right-padded batch with labels (or one packed row: see packing.py)."""
 
     def __init__(
         self,
