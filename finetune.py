@@ -181,7 +181,7 @@ def train(cfg: Config, dist: Dist):
     plan = BatchPlan(
         lengths, cfg.batch_size, cfg.max_tokens, cfg.packing, cfg.shuffle, cfg.seed, dist.rank, dist.world_size
     )
-    batches_per_epoch = len(plan.epoch(0))  # the same every epoch, but for --max-tokens: about the same
+    batches_per_epoch = len(plan.epoch(0))  # with --max-tokens it varies a little from epoch to epoch
     total_steps = cfg.max_steps or math.ceil(plan.micro_batches_in(cfg.epochs) / cfg.grad_accum)
     scheduler = make_scheduler(optimizer, cfg.warmup_steps, total_steps)
 

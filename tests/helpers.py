@@ -2,9 +2,14 @@
 
 import json
 import random
+from functools import partial
 from pathlib import Path
 
+import torch
+
+import finetune
 from qwen_ft import example_data
+from qwen_ft.dist import single_device
 
 
 def picture(folder: Path, name: str, shape="circle", colour="red", corner="top left", size=None) -> str:
@@ -55,3 +60,21 @@ def collate(collator, samples) -> dict:
     batch = collator(samples)
     assert batch.pop("bad_samples") == []
     return batch
+
+
+def loop_step(model, window) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The loop's forward and backward over a window of micro-batches, without autocast: the mean loss
+    per trained token and the gradients it leaves."""
+    model.zero_grad()
+    no_autocast = partial(torch.autocast, "cpu", enabled=False)
+    loss_sum, trained = finetune.forward_backward(model, window, single_device(), no_autocast)
+    return loss_sum / trained, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+def assert_same_step(step, reference, loss_tolerance: tuple[float, float], gradient_tolerance: tuple[float, float]):
+    """(loss, gradients) equal to the reference's within (rtol, atol), the same parameters having gradients."""
+    (loss, gradients), (reference_loss, reference_gradients) = step, reference
+    torch.testing.assert_close(loss, reference_loss, rtol=loss_tolerance[0], atol=loss_tolerance[1])
+    assert len(gradients) == len(reference_gradients) > 0
+    for gradient, expected in zip(gradients, reference_gradients):
+        torch.testing.assert_close(gradient, expected, rtol=gradient_tolerance[0], atol=gradient_tolerance[1])
