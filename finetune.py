@@ -1,4 +1,4 @@
-"""Fine-tune a Qwen2-VL-family model on images, video and text: the whole training loop, in one file.
+"""Fine-tune a Qwen vision-language model on images, video and text: the whole training loop, in one file.
 
 Read train() top to bottom: config -> seed -> data (checked before the model loads) -> model ->
 freezing or LoRA -> optimizer and schedule -> resume -> loop -> save. The step itself is the loop

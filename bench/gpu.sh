@@ -40,6 +40,7 @@ job() {
         small=(--size tiny --tokens 256 --image-tokens 64 --steps 4 --warmup 1)
         bench bench/train_throughput.py "${small[@]}" --mode lora --work-dir "$runs"
         bench bench/train_throughput.py "${small[@]}" --mode full --launch fsdp --work-dir "$runs"
+        bench bench/train_throughput.py "${small[@]}" --mode lora --family qwen3-vl --work-dir "$runs"
         bench bench/packing.py --size tiny --samples 24 --repeats 1 --work-dir "$runs"
         bench bench/compare_trl.py --size tiny --steps 3 --repeats 1 --work-dir "$runs"
     else
@@ -53,6 +54,9 @@ job() {
             bench bench/train_throughput.py --size 2b --mode full --launch "$launch" --work-dir "$runs"
         done
         bench bench/packing.py --size 2b --llm-layers 0 --samples 48 --repeats 1 --work-dir "$runs"
+        # One bf16 LoRA run of each family at its smallest published shape (Qwen2-VL's 2B ran above).
+        bench bench/train_throughput.py --family qwen2.5-vl --size 3b --mode lora --work-dir "$runs"
+        bench bench/train_throughput.py --family qwen3-vl --size 2b --mode lora --work-dir "$runs"
         # Against TRL's SFTTrainer on the whole 2B shape, LoRA and full.
         bench bench/compare_trl.py --size 2b --llm-layers 0 --steps 12 --warmup 2 --repeats 1 --work-dir "$runs"
     fi

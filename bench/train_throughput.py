@@ -1,6 +1,6 @@
-"""Tokens/s and peak GPU memory of finetune.py on the published Qwen2-VL architectures, with random weights.
+"""Tokens/s and peak GPU memory of finetune.py on the published Qwen VL architectures, with random weights.
 
-    python bench/train_throughput.py --size 2b --mode lora [--tokens 2048 --image-tokens 1024] [-- FLAGS]
+    python bench/train_throughput.py --size 2b --mode lora [--family qwen3-vl --tokens 2048] [-- FLAGS]
 
 Builds the model from its published shapes (`python -m qwen_ft.tiny --size`, nothing downloaded; speed
 and memory depend on the shapes, not on the weights' values), writes samples of exactly --tokens tokens
@@ -30,10 +30,9 @@ sys.path.insert(0, str(REPO))  # qwen_ft from this checkout, installed or not
 from qwen_ft.collate import Collator  # noqa: E402
 from qwen_ft.data import read_samples  # noqa: E402
 from qwen_ft.model import load_processor  # noqa: E402
-from qwen_ft.tiny import build  # noqa: E402
+from qwen_ft.tiny import FAMILIES, SIZES, build  # noqa: E402
 
 MODES = {"full": [], "lora": ["--lora"], "qlora": ["--qlora"]}
-PIXELS_PER_TOKEN = 28  # one image token is a 2x2 group of 14-pixel patches
 
 
 def write_sample(folder: Path, processor, tokens: int, image_tokens: int) -> Path:
@@ -42,7 +41,8 @@ def write_sample(folder: Path, processor, tokens: int, image_tokens: int) -> Pat
     side = math.isqrt(image_tokens)
     if side * side != image_tokens:
         raise SystemExit(f"--image-tokens must be a square number (a square image), got {image_tokens}")
-    Image.new("RGB", (side * PIXELS_PER_TOKEN,) * 2, "teal").save(folder / "image.png")
+    pixels_per_token = processor.image_processor.patch_size * processor.image_processor.merge_size
+    Image.new("RGB", (side * pixels_per_token,) * 2, "teal").save(folder / "image.png")
     collator = Collator(processor, max_length=tokens + 1)
 
     def data_file(answer: str) -> tuple[Path, int]:
@@ -69,7 +69,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument("--size", choices=["tiny", "2b", "7b"], default="2b", help="model shapes")
+    parser.add_argument("--family", choices=list(FAMILIES), default="qwen2-vl", help="model family")
+    parser.add_argument("--size", choices=["tiny", *SIZES], default="2b", help="model shapes (one the family has)")
     parser.add_argument("--mode", choices=list(MODES), default="full", help="full fine-tune, LoRA or QLoRA")
     parser.add_argument("--tokens", type=int, default=2048, help="tokens per sample")
     parser.add_argument("--image-tokens", type=int, default=1024, help="of which image tokens (a square number)")
@@ -82,12 +83,16 @@ def main() -> None:
     args, finetune_flags = parser.parse_known_args()
     finetune_flags = [f for f in finetune_flags if f != "--"]
 
-    model = args.work_dir / f"qwen2-vl-{args.size}"
-    print(f"qwen2-vl {args.size} with random weights in {model} (built unless already there)", flush=True)
-    build(model, size=args.size, reuse=True)
-    run = args.work_dir / f"run-{args.size}-{args.mode}-{args.tokens}-{args.launch}"
+    if args.size != "tiny" and args.size not in FAMILIES[args.family].sizes:
+        parser.error(f"{args.family} has no size {args.size}: {', '.join(FAMILIES[args.family].sizes)}")
+    name = args.size if args.family == "qwen2-vl" else f"{args.family}-{args.size}"
+    model = args.work_dir / f"{args.family}-{args.size}"
+    print(f"{args.family} {args.size} with random weights in {model} (built unless already there)", flush=True)
+    build(model, family=args.family, size=args.size, reuse=True)
+    run = args.work_dir / f"run-{name}-{args.mode}-{args.tokens}-{args.launch}"
     run.mkdir(parents=True, exist_ok=True)
-    image_pixels = args.image_tokens * PIXELS_PER_TOKEN**2
+    pixels_per_token = FAMILIES[args.family].patch_size * 2  # one image token is a 2x2 group of patches
+    image_pixels = args.image_tokens * pixels_per_token**2
     data = write_sample(run, load_processor(str(model), image_pixels, image_pixels), args.tokens, args.image_tokens)
 
     launch = {
@@ -119,7 +124,7 @@ def main() -> None:
     print("\n| device | date | size | mode | tokens (image) | finetune.py flags | tokens/s | peak memory |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     print(
-        f"| {device} | {datetime.date.today()} | {args.size} | {mode} | {args.tokens} ({args.image_tokens}) "
+        f"| {device} | {datetime.date.today()} | {name} | {mode} | {args.tokens} ({args.image_tokens}) "
         f"| {flags} | {tokens_per_s:.0f} | {f'{peak:.2f} GiB' if peak else 'n/a (CPU)'} |"
     )
     print(f"\nCommand: python bench/{Path(__file__).name} {shlex.join(sys.argv[1:])}")

@@ -1,4 +1,4 @@
-"""qwen-ft: transparent fine-tuning of Qwen2-VL-family vision-language models."""
+"""qwen-ft: transparent fine-tuning of Qwen vision-language models."""
 
 import logging
 

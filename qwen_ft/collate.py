@@ -14,7 +14,7 @@ from qwen_ft.config import ConfigError
 from qwen_ft.data import Sample
 from qwen_ft.media import MediaError, load_image
 from qwen_ft.packing import pack
-from qwen_ft.video import VideoError, VideoSettings, load_video
+from qwen_ft.video import VideoError, VideoPlan, VideoSettings, clip_metadata, load_video
 
 IGNORE_INDEX = -100  # label of positions that don't count in the loss (cross_entropy's ignore_index)
 # Per-token tensors of a processor batch; the rest (pixel_values, *_grid_thw) are per image or video.
@@ -42,7 +42,7 @@ class SpecialTokens:
             token = f"<|{name}|>"
             token_id = tokenizer.convert_tokens_to_ids(token)
             if token_id is None or token_id == tokenizer.unk_token_id or tokenizer.decode([token_id]) != token:
-                raise ConfigError(f"the tokenizer has no {token} token: this is not a Qwen2-VL-family chat model")
+                raise ConfigError(f"the tokenizer has no {token} token: this is not a Qwen vision-language chat model")
             ids[name] = token_id
         header = tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)
         if header[0] != ids["im_start"] or tokenizer.decode(header[-1:]) != "\n":
@@ -92,14 +92,19 @@ class Collator:
         self.blank_image = blank_image  # give batches without images one, masked out (add_blank_image)
         self.video = video or VideoSettings()  # defaults for video parts; a sample's own keys override them
         self.tokens = SpecialTokens.from_tokenizer(processor.tokenizer)
+        # A template with a thinking block (Qwen3.5's) closes it empty in the generation prompt, as it opens
+        # the assistant turns trained on. Passed only where the template reads it: transformers takes any
+        # other keyword for a processor option and warns.
+        thinking = "enable_thinking" in (processor.chat_template or "")
+        self.template_options = {"enable_thinking": False} if thinking else {}
         video_processor = processor.video_processor
         self.video_factor = video_processor.patch_size * video_processor.merge_size  # frame sides are multiples
 
     def text(self, sample: Sample) -> str:
-        return self.processor.apply_chat_template(sample.messages, tokenize=False)
+        return self.processor.apply_chat_template(sample.messages, tokenize=False, **self.template_options)
 
     def media(self, conversation: list[dict]) -> tuple[list, list]:
-        """A conversation's images and videos (frames, sample fps), loaded; MediaError if one fails."""
+        """A conversation's images and videos (frames, metadata), loaded; MediaError if one fails."""
         parts = [part for message in conversation for part in message["content"]]
         images = [load_image(part["image"]) for part in parts if part["type"] == "image"]
         videos = [self.load_video(part) for part in parts if part["type"] == "video"]
@@ -108,24 +113,28 @@ class Collator:
     def process(self, conversations: list[list[dict]], generation_prompt=False, padding_side="right", media=None):
         """The processor's batch for these conversations, with their media (loaded here unless given)."""
         texts = [
-            self.processor.apply_chat_template(c, tokenize=False, add_generation_prompt=generation_prompt)
+            self.processor.apply_chat_template(
+                c, tokenize=False, add_generation_prompt=generation_prompt, **self.template_options
+            )
             for c in conversations
         ]
         media = media if media is not None else [self.media(c) for c in conversations]
         images = [image for sample_images, _ in media for image in sample_images]
         videos = [video for _, sample_videos in media for video in sample_videos]
-        return self.processor(
+        batch = self.processor(
             text=texts,
             images=images or None,
             videos=[frames for frames, _ in videos] or None,
-            # The sample fps gives Qwen2.5-VL its seconds per temporal patch (second_per_grid_ts).
-            video_metadata=[VideoMetadata(total_num_frames=len(f), fps=fps) for f, fps in videos] or None,
-            # load_video already applied the per-video pixel budget (what cap_pixels_per_frame asks for).
-            videos_kwargs={"do_resize": False, "cap_pixels_per_frame": True},
+            video_metadata=[metadata for _, metadata in videos] or None,
+            # load_video already picked the frames and applied the per-video pixel budget (what
+            # cap_pixels_per_frame asks for); Qwen3-VL's processor would otherwise sample frames again.
+            videos_kwargs={"do_resize": False, "cap_pixels_per_frame": True, "do_sample_frames": False},
             padding=True,
             padding_side=padding_side,
             return_tensors="pt",
         )
+        batch.pop("video_metadata", None)  # Qwen3-VL's processor hands it back; it is no model input
+        return batch
 
     def __call__(self, samples: list[Sample]) -> dict:
         """The batch, and under "bad_samples" one line for each sample whose media failed to load
@@ -194,25 +203,33 @@ class Collator:
         image_processor = self.processor.image_processor
         return image_processor.get_number_of_image_patches(height, width) // image_processor.merge_size**2
 
-    def load_video(self, part: dict) -> tuple[torch.Tensor, float]:
+    def load_video(self, part: dict) -> tuple[torch.Tensor, VideoMetadata]:
         return load_video(part["video"], self.video.for_part(part), self.video_factor)
 
-    def video_tokens(self, frames: int, height: int, width: int) -> int:
-        """Placeholder tokens of a video of this input shape: one per temporal patch and merged 2D patch."""
+    def video_token_ids(self, plan: VideoPlan) -> list[int]:
+        """What the processor puts in place of a video's <|video_pad|>, from its plan alone: a placeholder per
+        temporal patch and merged 2D patch, and for Qwen3-VL each frame's time ("<0.2 seconds>") in text.
+        The processor's own replacement is tokenized, so the count follows the processor, whatever it writes."""
         video_processor = self.processor.video_processor
-        patches = (frames // video_processor.temporal_patch_size) * (height * width // video_processor.patch_size**2)
-        return patches // video_processor.merge_size**2
+        patch, temporal_patch = video_processor.patch_size, video_processor.temporal_patch_size
+        grid = torch.tensor([[plan.frames // temporal_patch, plan.height // patch, plan.width // patch]])
+        inputs = {"video_grid_thw": grid, "video_metadata": [clip_metadata(plan.times, plan.sample_fps)]}
+        text = self.processor.replace_video_token(inputs, 0)
+        return self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def token_ids(self, sample: Sample) -> list[int]:
         """The input_ids the processor will produce for this sample, from its media's sizes alone."""
         ids = self.processor.tokenizer(self.text(sample), add_special_tokens=False)["input_ids"]
-        counts = {
-            self.tokens.image_pad: iter([self.image_tokens(h, w) for h, w in sample.image_sizes]),
-            self.tokens.video_pad: iter([self.video_tokens(*shape) for shape in sample.video_shapes]),
-        }
+        images = iter(sample.image_sizes)
+        videos = iter(sample.video_plans)
         expanded = []
         for token in ids:
-            expanded.extend([token] * next(counts[token]) if token in counts else [token])
+            if token == self.tokens.image_pad:
+                expanded.extend([token] * self.image_tokens(*next(images)))
+            elif token == self.tokens.video_pad:
+                expanded.extend(self.video_token_ids(next(videos)))
+            else:
+                expanded.append(token)
         return expanded
 
     def drop_overlong(self, samples: list[Sample], quiet: bool = False) -> list[Sample]:

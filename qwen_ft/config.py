@@ -24,7 +24,7 @@ def option(default, help: str, **argparse_kwargs):
 @dataclass
 class Config:
     # Model and data
-    model: str = option("Qwen/Qwen2-VL-2B-Instruct", "hub name or local directory of a Qwen2-VL-family model")
+    model: str = option("Qwen/Qwen2-VL-2B-Instruct", "hub name or local directory of a model of a supported family")
     data: str = option("train_data/data.json", 'training data: a JSON list or JSONL file of {"messages": [...]}')
     media_root: str = option(
         ".", "folder that relative media paths are looked up in when not found beside the data file"

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qwen_ft.media import MediaError, is_url, load_image, resolve, shorten
-from qwen_ft.video import VideoSettings, plan_video
+from qwen_ft.video import VideoPlan, VideoSettings, plan_video
 
 ROLES = ("system", "user", "assistant")
 MEDIA_TYPES = ("image", "video")
@@ -48,7 +48,7 @@ class Sample:
     line: int | None
     messages: list[dict]
     image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (height, width), filled by check_media
-    video_shapes: list[tuple[int, int, int]] = field(default_factory=list)  # (frames, height, width) as input
+    video_plans: list[VideoPlan] = field(default_factory=list)  # frames, size and times as input
     length: int = 0  # tokens as model input, filled by Collator.drop_overlong
 
     @property
@@ -227,19 +227,19 @@ def check_media(
         except MediaError as e:
             return [], [], f"{sample.where}: image {e}"
         try:
-            video_shapes = [plan_video(p["video"], video.for_part(p), factor) for p in sample.parts("video")]
+            video_plans = [plan_video(p["video"], video.for_part(p), factor) for p in sample.parts("video")]
         except MediaError as e:
             return [], [], f"{sample.where}: video {e}"
         except (TypeError, ValueError) as e:  # a per-sample setting of the wrong type or range
             return [], [], f"{sample.where}: video settings: {e}"
-        return image_sizes, video_shapes, None
+        return image_sizes, video_plans, None
 
     with ThreadPoolExecutor(threads) as pool:
         mine = list(pool.map(measure, samples[rank::world_size]))
     shares = dist.all_gather_objects(mine) if dist else [mine]
     errors = []
     for i, sample in enumerate(samples):
-        sample.image_sizes, sample.video_shapes, error = shares[i % world_size][i // world_size]
+        sample.image_sizes, sample.video_plans, error = shares[i % world_size][i // world_size]
         if error:
             errors.append(error)
     raise_if_any(errors)

@@ -1,4 +1,4 @@
-"""Answer with a Qwen2-VL-family model: one question, or the last question of every sample in a data file.
+"""Answer with a Qwen vision-language model: one question, or the last question of every sample in a data file.
 
     python -m qwen_ft.generate --model output --image test_data/images/0000.png --prompt "What colour is the shape?"
     python -m qwen_ft.generate --model output --data test_data/data.json --out predictions.jsonl

@@ -9,15 +9,13 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import BitsAndBytesConfig
 
 from qwen_ft.config import ConfigError
+from qwen_ft.families import LLM_PROJECTIONS, MERGERS
 from qwen_ft.model import load_model, part_of
 
 # On import, bitsandbytes' CPU backend tries to fetch an optional 4-bit kernel from the hub (with the
 # `kernels` package) and logs a warning when it can't; its built-in kernel then runs, so the warning
 # says nothing a user can act on.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-
-# The language model's linear layers: attention and MLP projections (not lm_head).
-LLM_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @contextlib.contextmanager
@@ -32,7 +30,7 @@ def peft_quietly():
 def lora_target_modules(model, targets: str) -> list[str]:
     """Names of the linear layers that get adapters.
 
-    targets is a comma-separated list of parts (llm: its q, k, v, o, gate, up and down projections;
+    targets is a comma-separated list of parts (llm: its LLM_PROJECTIONS;
     vision or merger: all their linear layers) and/or layer names (q_proj, qkv, mlp.0, ...).
     """
     wanted = [t.strip() for t in targets.split(",") if t.strip()]
@@ -57,10 +55,11 @@ def lora_target_modules(model, targets: str) -> list[str]:
 def quantization_config(frozen: dict[str, bool]) -> BitsAndBytesConfig:
     """QLoRA's 4-bit NF4 with double quantization and bf16 compute.
 
-    The merger and lm_head stay unquantized (small, and the merger often trains), as does the
+    The mergers and lm_head stay unquantized (small, and the mergers often train), as does the
     vision tower when it trains in full: a 4-bit weight can only be trained through adapters.
     """
-    keep = ["lm_head", "model.visual.merger"] + ([] if frozen["vision"] else ["model.visual"])
+    keep = ["lm_head", *(f"model.visual.{merger}" for merger in MERGERS)]
+    keep += [] if frozen["vision"] else ["model.visual"]
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",

@@ -1,4 +1,4 @@
-"""Loading a Qwen2-VL-family model and processor, and choosing which of its parts train."""
+"""Loading a Qwen vision-language model and processor, and choosing which of its parts train."""
 
 import socket
 import urllib.parse
@@ -8,7 +8,9 @@ import torch
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.errors import HFValidationError
-from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+
+from qwen_ft.families import MERGERS, Family, UnsupportedModel, family_of
 
 
 class ModelUnavailable(Exception):
@@ -84,6 +86,17 @@ def check_available(name: str, processor: bool = False, timeout_s: float = 5.0) 
     )
 
 
+def check_family(name: str, trust_remote_code: bool = False) -> Family:
+    """The model's family, from its config.json alone (before any weights or processor are loaded);
+    ModelUnavailable for an architecture qwen-ft doesn't train, naming those it does."""
+    try:
+        return family_of(AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code))
+    except UnsupportedModel as e:
+        raise ModelUnavailable(f"'{name}': {e}") from None
+    except ValueError as e:  # a config.json transformers can't read (an unknown model_type)
+        raise ModelUnavailable(f"'{name}': {e}") from None
+
+
 def load_processor(
     name: str,
     min_pixels: int | None = None,
@@ -98,6 +111,8 @@ def load_processor(
     resolution at inference as in training.
     """
     check_available(name, processor=True)
+    if not Path(name).is_dir() or (Path(name) / "config.json").is_file():  # an adapter folder may hold no config
+        check_family(name, trust_remote_code)
     processor = AutoProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
     for sub, largest in ((processor.image_processor, max_pixels), (processor.video_processor, video_max_pixels)):
         size = dict(sub.size)
@@ -123,6 +138,7 @@ def load_model(
     which they are; frozen weights stay in bf16, which autocast would cast them to anyway.
     """
     check_available(name)
+    check_family(name, trust_remote_code)
     return AutoModelForImageTextToText.from_pretrained(
         name,
         dtype={"fp32": torch.float32, "auto": "auto"}.get(precision, torch.bfloat16),
@@ -135,11 +151,11 @@ def load_model(
 
 def part_of(name: str) -> str:
     """The part a parameter or module belongs to, from its name (also inside a peft wrapper):
-    "vision" (the vision tower), "merger" (vision-to-language projection), "llm" or "lora" (adapters)."""
+    "vision" (the vision tower), "merger" (vision-to-language projections), "llm" or "lora" (adapters)."""
     if "lora_" in name:
         return "lora"
     dotted = f".{name}."
-    if ".visual.merger." in dotted:
+    if any(f".visual.{merger}." in dotted for merger in MERGERS):
         return "merger"
     if ".visual." in dotted:
         return "vision"

@@ -11,12 +11,16 @@ from transformers import AutoConfig
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from qwen_ft.config import ConfigError
+from qwen_ft.families import family_of
 
 
 def rope_index_of(model_name: str, trust_remote_code: bool = False):
     """The model's get_rope_index without its weights, for DataLoader workers: it reads only the config,
     so it is bound to an instance of the model's base class that holds nothing else."""
     config = AutoConfig.from_pretrained(model_name, trust_remote_code=trust_remote_code)
+    family = family_of(config)
+    if family.packing_refused:
+        raise ConfigError(family.packing_refused.format(family=family.name))
     model_class = MODEL_MAPPING.get(type(config), None)
     if model_class is None or not hasattr(model_class, "get_rope_index"):
         raise ConfigError(f"--packing: {type(config).__name__} models have no rope index to place packed samples")

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
+from typing import NamedTuple
 
 import av
 import numpy as np
@@ -43,6 +44,7 @@ from qwen_vl_utils.vision_process import (
     smart_resize,
 )
 from torchvision.transforms.v2.functional import InterpolationMode, resize
+from transformers.video_utils import VideoMetadata
 
 from qwen_ft.media import MediaError, load_image
 
@@ -286,20 +288,30 @@ def read_video(
     """The frames at frame_times(...) as uint8 [T, 3, H, W] RGB at the video's own size, and the rate they
     represent (T / the range's duration, which is Qwen's nframes / total_frames * video_fps)."""
     info = video_info(video)
+    times, sample_fps = timing(info, fps, min_frames, max_frames, start, end)
+    return decode_frames(info, times, max_frames), sample_fps
+
+
+def timing(info: VideoInfo, fps: float, min_frames: int, max_frames: int, start: float | None, end: float | None):
+    """The times of the frames read_video returns (seconds from the video's start) and the rate they represent."""
     times = frame_times(info, fps, min_frames, max_frames, start, end)
+    if info.frame_files is not None:
+        return times, fps * min(1.0, len(times) / info.num_frames)
+    begin, finish = time_range(info, start, end)
+    return times, len(times) / (finish - begin)
+
+
+def decode_frames(info: VideoInfo, times: list[float], max_frames: int) -> torch.Tensor:
+    """The frames at these times as uint8 [T, 3, H, W] RGB at the video's own size."""
     if info.frame_files is not None:
         files = [info.frame_files[index] for index in frame_list_indices(info, max_frames)]
         images = [load_frame(file) for file in files]
         for file, image in zip(files, images):
             if image.shape[:2] != (info.height, info.width):  # the header said otherwise: a file changed or lied
                 raise VideoError(f"'{file}' is {image.shape[1]}x{image.shape[0]}, not {info.width}x{info.height}")
-        sample_fps = fps * min(1.0, len(times) / info.num_frames)
     else:
         images = decode_at(info.path, [info.start_time + t for t in times])
-        begin, finish = time_range(info, start, end)
-        sample_fps = len(times) / (finish - begin)
-    frames = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # [T, H, W, 3] -> [T, 3, H, W]
-    return frames, sample_fps
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # [T, H, W, 3] -> [T, 3, H, W]
 
 
 def load_frame(file: str) -> np.ndarray:
@@ -340,24 +352,47 @@ def frame_size(height: int, width: int, frames: int, settings: VideoSettings, fa
     return smart_resize(height, width, factor, min_pixels=settings.min_pixels, max_pixels=max_pixels)
 
 
-def plan_video(video, settings: VideoSettings, factor: int = 28) -> tuple[int, int, int]:
-    """(frames, height, width) of the video as model input, from metadata alone; VideoError when it can't
-    be read as asked (missing, unreadable, truncated, no frames, a range outside the video)."""
+class VideoPlan(NamedTuple):
+    """A video as model input, known from its metadata alone."""
+
+    frames: int
+    height: int
+    width: int
+    times: tuple[float, ...]  # of each frame read, seconds from the video's start
+    sample_fps: float  # the rate the frames represent
+
+
+def clip_metadata(times: list[float] | tuple[float, ...], sample_fps: float) -> VideoMetadata:
+    """What the processors read about a clip: Qwen2.5-VL its rate (second_per_grid_ts = 2 / sample fps),
+    Qwen3-VL each frame's time, which it writes into the text. transformers computes a frame's time as
+    frames_indices / fps, so the indices are the reader's times in units of the sample rate: the real
+    times, also for a variable frame rate or a range that starts late."""
+    return VideoMetadata(total_num_frames=len(times), fps=sample_fps, frames_indices=[t * sample_fps for t in times])
+
+
+def plan_video(video, settings: VideoSettings, factor: int = 28) -> VideoPlan:
+    """The video as model input, from metadata alone; VideoError when it can't be read as asked (missing,
+    unreadable, truncated, no frames, a range outside the video)."""
     info = video_info(video)
-    times = frame_times(info, settings.fps, settings.min_frames, settings.max_frames, settings.start, settings.end)
+    times, sample_fps = timing(
+        info, settings.fps, settings.min_frames, settings.max_frames, settings.start, settings.end
+    )
     if info.frame_files is None:
         scan_packets(info.path)  # reads every packet: a truncated or broken container fails here
-    return (len(times), *frame_size(info.height, info.width, len(times), settings, factor))
+    height, width = frame_size(info.height, info.width, len(times), settings, factor)
+    return VideoPlan(len(times), height, width, tuple(times), sample_fps)
 
 
-def load_video(video, settings: VideoSettings, factor: int = 28) -> tuple[torch.Tensor, float]:
-    """The frames read_video picks, resized as plan_video says: uint8 [T, 3, H, W], and their sample fps."""
-    frames, sample_fps = read_video(
-        video, settings.fps, settings.min_frames, settings.max_frames, settings.start, settings.end
+def load_video(video, settings: VideoSettings, factor: int = 28) -> tuple[torch.Tensor, VideoMetadata]:
+    """The frames read_video picks, resized as plan_video says: uint8 [T, 3, H, W], and their metadata."""
+    info = video_info(video)
+    times, sample_fps = timing(
+        info, settings.fps, settings.min_frames, settings.max_frames, settings.start, settings.end
     )
+    frames = decode_frames(info, times, settings.max_frames)
     height, width = frame_size(frames.shape[2], frames.shape[3], frames.shape[0], settings, factor)
     resized = resize(frames, [height, width], interpolation=InterpolationMode.BICUBIC, antialias=True)
-    return resized, sample_fps
+    return resized, clip_metadata(times, sample_fps)
 
 
 def main(argv: list[str] | None = None) -> None:
