@@ -85,7 +85,7 @@ class Config:
     lora_dropout: float = option(0.05, "dropout on the adapters' input")
     lora_targets: str = option(
         "llm",
-        "comma list of what gets adapters: parts (llm: its q,k,v,o,gate,up,down projections; vision; merger) "
+        "comma list of what gets adapters: parts (llm: its attention and MLP projections; vision; merger) "
         "and/or layer names (q_proj, qkv, ...)",
     )
     dora: bool = option(False, "weight-decomposed LoRA (DoRA) adapters")

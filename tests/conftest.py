@@ -14,3 +14,32 @@ def processor(tiny_model):
     from qwen_ft.model import load_processor
 
     return load_processor(tiny_model)
+
+
+@pytest.fixture(scope="session")
+def family_model(tiny_model, tmp_path_factory):
+    """family_model(family): the folder of a tiny random checkpoint of that family (tiny.FAMILIES),
+    built the first time a test asks for it and shared by the rest of the session."""
+    built = {"qwen2-vl": tiny_model}
+
+    def model(family: str) -> str:
+        if family not in built:
+            built[family] = str(tiny.build(tmp_path_factory.mktemp(f"tiny-{family}"), family=family))
+        return built[family]
+
+    return model
+
+
+@pytest.fixture(scope="session")
+def family_processor(family_model):
+    """family_processor(family): the processor of family_model(family), loaded once per session."""
+    from qwen_ft.model import load_processor
+
+    loaded = {}
+
+    def processor(family: str):
+        if family not in loaded:
+            loaded[family] = load_processor(family_model(family))
+        return loaded[family]
+
+    return processor

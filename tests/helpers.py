@@ -22,6 +22,20 @@ def picture(folder: Path, name: str, shape="circle", colour="red", corner="top l
     return name
 
 
+def clip(folder: Path, name="clip.mp4", frames=16) -> str:
+    """A 2 s clip (8 fps) of a red circle moving right, 112x112 pixels."""
+    pictures = [example_data.draw_at("circle", "red", 0.3 + 0.4 * t / (frames - 1), 0.5, 18) for t in range(frames)]
+    folder.mkdir(parents=True, exist_ok=True)
+    example_data.write_clip(folder / name, pictures, fps=8)
+    return name
+
+
+def video_qa(video, question="Which way does the shape move?", answer="right", **settings) -> dict:
+    """A one-turn sample about a video; settings are the part's own keys (fps, video_start, ...)."""
+    content = [{"type": "video", "video": video, **settings}, {"type": "text", "text": question}]
+    return {"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]}
+
+
 def write_json(path: Path, samples) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(samples))
@@ -38,19 +52,24 @@ def reference_labels(messages, collator) -> list[int]:
     """Labels built another way than assistant_labels: render the conversation up to each assistant
     turn and measure.
 
-    The trained span of assistant turn k starts where the prompt for it (messages[:k] plus the
-    generation prompt) ends, and ends with the <|im_end|> that closes messages[:k+1].
+    The trained span of assistant turn k starts where the conversation before it (messages[:k]) and
+    the turn's header "<|im_start|>assistant\n" end, and ends with the <|im_end|> that closes the turn.
+    It holds all that the template writes into the turn: Qwen3.5's empty thinking block too.
     """
 
-    def length(conversation, generation_prompt=False) -> int:
-        return collator.process([conversation], generation_prompt)["input_ids"].shape[1]
+    def ids(conversation) -> list[int]:
+        return collator.process([conversation])["input_ids"][0].tolist()
 
-    full = collator.process([messages])["input_ids"][0].tolist()
+    tokenizer = collator.processor.tokenizer
+    header = len(tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"])
+    full = ids(messages)
     labels = [-100] * len(full)
     for k, message in enumerate(messages):
         if message["role"] == "assistant":
-            start = length(messages[:k], generation_prompt=True)
-            end = length(messages[: k + 1]) - 1  # the template's newline after <|im_end|> is not trained
+            before = ids(messages[:k])
+            assert full[: len(before)] == before, "the template renders the turns before this one differently"
+            start = len(before) + header
+            end = full.index(collator.tokens.im_end, start) + 1
             labels[start:end] = full[start:end]
     return labels
 

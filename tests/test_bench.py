@@ -9,18 +9,33 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwen_ft.tiny import ARCHITECTURES, build_tokenizer, make_config
+from qwen_ft.tiny import FAMILIES, build_tokenizer, make_config
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-# Parameter counts on the model cards of Qwen/Qwen2-VL-2B-Instruct and Qwen/Qwen2-VL-7B-Instruct
-# (safetensors metadata): the configs must describe those models, or the benchmarks measure another one.
-@pytest.mark.parametrize("size, published", [("2b", 2_208_985_600), ("7b", 8_291_375_616)])
-def test_full_sizes_have_the_published_parameter_counts(size, published):
+# Parameter counts on the model cards of the Qwen/*-Instruct models (safetensors metadata): the configs
+# must describe those models, or the benchmarks measure another one.
+PUBLISHED = {
+    ("qwen2-vl", "2b"): 2_208_985_600,
+    ("qwen2-vl", "7b"): 8_291_375_616,
+    ("qwen2.5-vl", "3b"): 3_754_622_976,
+    ("qwen2.5-vl", "7b"): 8_292_166_656,
+    ("qwen3-vl", "2b"): 2_127_532_032,
+    ("qwen3-vl", "4b"): 4_437_815_808,
+    ("qwen3-vl", "8b"): 8_767_123_696,
+}
+
+
+@pytest.mark.parametrize("family, size", PUBLISHED)
+def test_full_sizes_have_the_published_parameter_counts(family, size):
     with torch.device("meta"):  # shapes only, no memory
-        model = ARCHITECTURES["qwen2-vl"][1](make_config(build_tokenizer(), "qwen2-vl", size))
-    assert sum(p.numel() for p in model.parameters()) == published
+        model = FAMILIES[family].model(make_config(build_tokenizer(family), family, size))
+    assert sum(p.numel() for p in model.parameters()) == PUBLISHED[family, size]
+
+
+def test_every_size_the_builder_offers_is_checked_above():
+    assert set(PUBLISHED) == {(family, size) for family, recipe in FAMILIES.items() for size in recipe.sizes}
 
 
 def test_throughput_benchmark_trains_on_samples_of_the_asked_length(tmp_path):

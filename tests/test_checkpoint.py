@@ -20,6 +20,7 @@ import finetune
 from qwen_ft.checkpoint import complete_checkpoints
 from qwen_ft.config import parse_config
 from qwen_ft.dist import single_device
+from qwen_ft.tiny import FAMILIES
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 30
@@ -122,6 +123,38 @@ def test_a_signal_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_model, 
     resumed = rows(tmp_path / "out")
     assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
     assert [r["loss"] for r in resumed] == losses[mode]  # bit for bit
+
+
+def signal_during_step(monkeypatch, step: int, stop=signal.SIGTERM) -> None:
+    """Send this process a stop signal during an optimizer step, as `kill` would: the loop installs its
+    handler, so the run finishes that step, saves a checkpoint and returns."""
+    calls = []
+    real = finetune.forward_backward
+
+    def forward_backward(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == step:
+            os.kill(os.getpid(), stop)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(finetune, "forward_backward", forward_backward)
+
+
+@pytest.mark.parametrize("family, mode", [(f, "full") for f in FAMILIES] + [("qwen3-vl", "lora"), ("qwen3.5", "lora")])
+def test_every_family_resumes_as_if_never_interrupted(tmp_path, family_model, family, mode, monkeypatch):
+    """In-process and shorter than the runs above: each family's weights, adapters and trained mergers
+    must come back from a checkpoint exactly."""
+    data = dataset(tmp_path)
+    steps = ["--max-steps", "8", *MODES[mode]]
+    finetune.train(parse_config(flags(family_model(family), data, tmp_path / "reference", *steps)), single_device())
+    args = flags(family_model(family), data, tmp_path / "out", *steps)
+    with monkeypatch.context() as patched:
+        signal_during_step(patched, 3)
+        finetune.train(parse_config(args), single_device())
+    assert len(rows(tmp_path / "out")) == 3
+    assert complete_checkpoints(tmp_path / "out")[-1].name == "step-00000003"
+    finetune.train(parse_config([*args, "--resume"]), single_device())
+    assert [r["loss"] for r in rows(tmp_path / "out")] == [r["loss"] for r in rows(tmp_path / "reference")]
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])

@@ -7,10 +7,12 @@ import time
 from pathlib import Path
 
 import pytest
+from transformers import Qwen2Config
 
 import finetune
 from qwen_ft import generate, inspect_data, merge
 from qwen_ft.config import Config, build_parser, parse_config
+from qwen_ft.tiny import FAMILIES
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -139,6 +141,20 @@ def test_a_model_without_its_processor_says_so(tmp_path, tiny_model):
     with pytest.raises(SystemExit) as exit_info:
         generate.main(["--model", str(folder), "--prompt", "Hi"])
     assert "has a model but no processor" in str(exit_info.value.code)
+
+
+@pytest.mark.parametrize("entry_point", list(ENTRY_POINTS))
+def test_a_model_of_another_architecture_is_a_one_line_error_naming_the_families(tmp_path, tiny_model, entry_point):
+    """A text-only Qwen2 (a likely mistake) with the tiny model's files around it: weights, processor."""
+    folder = tmp_path / "qwen2-text"
+    shutil.copytree(tiny_model, folder)
+    (folder / "config.json").write_text(Qwen2Config(architectures=["Qwen2ForCausalLM"]).to_json_string())
+    with pytest.raises(SystemExit) as exit_info:
+        ENTRY_POINTS[entry_point](str(folder))
+    message = str(exit_info.value.code)
+    assert message.startswith("error: ") and len(message.splitlines()) == 1
+    assert str(folder) in message and "Qwen2ForCausalLM" in message
+    assert all(family in message for family in FAMILIES)
 
 
 def test_lora_and_qlora_together_is_a_usage_error(capsys):

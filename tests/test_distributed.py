@@ -18,6 +18,7 @@ from transformers import AutoModelForImageTextToText
 import finetune
 from qwen_ft.config import parse_config
 from qwen_ft.dist import single_device
+from qwen_ft.tiny import FAMILIES
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 300
@@ -66,10 +67,15 @@ def single_process(tiny_model, data, out, *extra):
     return finetune.train(parse_config(flags(tiny_model, data, out, *extra)), single_device())
 
 
+LORA = ["--lora", "--lora-dropout", "0", "--lora-r", "4", "--lr", "1e-2"]
+MODES = {"full": [], "lora": LORA, "packed": ["--packing"]}
+
+
 @pytest.mark.parametrize(
-    "mode", [[], ["--lora", "--lora-dropout", "0", "--lora-r", "4", "--lr", "1e-2"], ["--packing"]]
+    "family, mode", [("qwen2-vl", "lora"), ("qwen2-vl", "packed")] + [(family, "full") for family in FAMILIES]
 )
-def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, tiny_model, mode):
+def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, family_model, family, mode):
+    tiny_model, mode = family_model(family), MODES[mode]
     data = dataset(tmp_path)
     single_process(tiny_model, data, tmp_path / "one", "--batch-size", "2", "--grad-accum", "2", *mode)
     run = torchrun(*flags(tiny_model, data, tmp_path / "two", "--batch-size", "1", "--grad-accum", "2", *mode))
@@ -86,7 +92,9 @@ def test_uneven_sample_counts_and_qlora_finish(tmp_path, tiny_model):
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 
-def test_fsdp_equals_one_process_and_saves_a_transformers_checkpoint(tmp_path, tiny_model):
+@pytest.mark.parametrize("family", ["qwen2-vl", "qwen3-vl"])
+def test_fsdp_equals_one_process_and_saves_a_transformers_checkpoint(tmp_path, family_model, family):
+    tiny_model = family_model(family)
     data = dataset(tmp_path)
     single_process(tiny_model, data, tmp_path / "one", "--batch-size", "2", "--grad-accum", "1")
     run = torchrun(*flags(tiny_model, data, tmp_path / "fsdp", "--batch-size", "1", "--grad-accum", "1", "--fsdp"))

@@ -7,9 +7,12 @@ import finetune
 from qwen_ft import generate
 from qwen_ft.config import parse_config
 from qwen_ft.dist import single_device
+from qwen_ft.tiny import FAMILIES
 
 
-def test_answers_every_sample_and_scores_exact_match(tmp_path, tiny_model, capsys):
+@pytest.mark.parametrize("family", ["qwen2-vl", "qwen3-vl"])
+def test_answers_every_sample_and_scores_exact_match(tmp_path, family_model, family, capsys):
+    tiny_model = family_model(family)
     image = picture(tmp_path, "a.png")
     samples = [
         qa(image, "What colour is the shape?", "red"),
@@ -36,10 +39,11 @@ def test_answers_every_sample_and_scores_exact_match(tmp_path, tiny_model, capsy
     assert f"exact match: {correct}/3" in capsys.readouterr().out
 
 
-def test_batched_answers_equal_one_at_a_time(tmp_path, tiny_model):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_answers_equal_one_at_a_time(tmp_path, family_model, family):
     picture(tmp_path, "a.png")
     picture(tmp_path, "b.png", "square", "blue", "bottom right", size=(140, 84))
-    answerer = generate.Answerer(tiny_model, generate.torch.device("cpu"))
+    answerer = generate.Answerer(family_model(family), generate.torch.device("cpu"))
     conversations = [
         [
             {

@@ -6,9 +6,16 @@ from helpers import picture, qa, write_json
 from qwen_ft import inspect_data
 from qwen_ft.collate import IGNORE_INDEX, Collator
 from qwen_ft.data import check_media, read_samples
+from qwen_ft.model import load_processor
+
+# A 112x112 picture is 16 tokens in every family: 8x8 patches of 14 px (Qwen2) or, resized to 128x128, of 16 px
+# (Qwen3), 2x2 of which merge into a token.
+ONE_PER_GENERATION = ["qwen2-vl", "qwen3-vl"]
 
 
-def test_json_output_is_one_object_per_sample_matching_the_collator(tmp_path, tiny_model, processor, capsys):
+@pytest.mark.parametrize("family", ONE_PER_GENERATION)
+def test_json_output_is_one_object_per_sample_matching_the_collator(tmp_path, family_model, family, capsys):
+    tiny_model = family_model(family)
     data = write_json(
         tmp_path / "data.json",
         [qa(picture(tmp_path, "a.png"), "What colour is the shape?", "red"), qa(None, "Say hi", "hi")],
@@ -18,7 +25,7 @@ def test_json_output_is_one_object_per_sample_matching_the_collator(tmp_path, ti
     rows = [json.loads(line) for line in lines]
     samples = read_samples(data)
     check_media(samples)
-    collator = Collator(processor, 4096)
+    collator = Collator(load_processor(tiny_model), 4096)
     assert [r["index"] for r in rows] == [0, 1]
     for row, sample in zip(rows, samples):
         batch = collator([sample])
@@ -28,7 +35,9 @@ def test_json_output_is_one_object_per_sample_matching_the_collator(tmp_path, ti
     assert rows[0]["image_tokens"] == 16 and rows[1]["image_tokens"] == 0
 
 
-def test_text_output_marks_the_trained_spans(tmp_path, tiny_model, capsys):
+@pytest.mark.parametrize("family", ONE_PER_GENERATION)
+def test_text_output_marks_the_trained_spans(tmp_path, family_model, family, capsys):
+    tiny_model = family_model(family)
     data = write_json(tmp_path / "data.json", [qa(picture(tmp_path, "a.png"), "What colour is the shape?", "red")])
     inspect_data.main(["--model", tiny_model, "--data", data])
     out = capsys.readouterr().out

@@ -13,8 +13,9 @@ from qwen_ft.collate import Collator
 from qwen_ft.config import parse_config
 from qwen_ft.data import check_media, read_samples
 from qwen_ft.dist import single_device
-from qwen_ft.lora import LLM_PROJECTIONS, add_lora
-from qwen_ft.model import load_model, part_of
+from qwen_ft.lora import LLM_PROJECTIONS, add_lora, lora_target_modules
+from qwen_ft.model import load_model, load_processor, part_of
+from qwen_ft.tiny import FAMILIES
 
 RANK = 4
 
@@ -70,6 +71,7 @@ def trainable(model) -> dict[str, int]:
     return counts
 
 
+@pytest.mark.parametrize("family", ["qwen2-vl", "qwen3-vl"])
 @pytest.mark.parametrize(
     "flags, lora_parts, full_parts",
     [
@@ -82,7 +84,8 @@ def trainable(model) -> dict[str, int]:
         (["--qlora"], ["llm"], ["merger"]),
     ],
 )
-def test_trainable_parameters_per_mode(tmp_path, tiny_model, flags, lora_parts, full_parts, capsys):
+def test_trainable_parameters_per_mode(tmp_path, family_model, family, flags, lora_parts, full_parts, capsys):
+    tiny_model = family_model(family)
     model = train(tiny_model, dataset(tmp_path), tmp_path / "out", "--max-steps", "1", *flags)
     base = load_model(tiny_model, "fp32", "sdpa", torch.device("cpu"))
     assert trainable(model) == expected_trainable(base, lora_parts, full_parts, dora="--dora" in flags)
@@ -91,8 +94,38 @@ def test_trainable_parameters_per_mode(tmp_path, tiny_model, flags, lora_parts, 
     if "--qlora" in flags:
         q_proj = model.base_model.model.model.language_model.layers[0].self_attn.q_proj.base_layer
         assert type(q_proj).__name__ == "Linear4bit"
-        merger_linear = model.base_model.model.model.visual.merger.mlp[0].modules_to_save["default"]
-        assert type(merger_linear) is torch.nn.Linear  # unquantized: it trains in full
+        # The mergers (Qwen3-VL's deepstack mergers too) stay unquantized: they train in full.
+        merger_linears = [
+            module
+            for name, module in model.named_modules()
+            if name.endswith(".modules_to_save.default") and isinstance(module, torch.nn.Linear)
+        ]
+        assert len(merger_linears) == len(linear_layers(base, "merger")) > 0
+        assert all(type(module) is torch.nn.Linear for module in merger_linears)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_parameter_has_its_part_and_lora_adapts_every_linear_layer_of_the_llm(family_model, family):
+    model = load_model(family_model(family), "fp32", "sdpa", torch.device("cpu"))
+    for name, _ in model.named_parameters():
+        if name.startswith(("model.visual.merger.", "model.visual.deepstack_merger_list.")):
+            assert part_of(name) == "merger", name  # what carries vision features into the LLM
+        elif name.startswith("model.visual."):
+            assert part_of(name) == "vision", name
+        else:
+            assert part_of(name) == "llm", name  # MoE experts and router included
+    # Attention, Qwen3.5's linear attention and dense MLPs: every linear layer of the decoder layers but
+    # Qwen3.5's per-head gate projections (in_proj_a, in_proj_b). An MoE layer's experts are no linear layers.
+    decoder_linears = {
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+        and name.startswith("model.language_model.layers.")
+        and not name.endswith(("in_proj_a", "in_proj_b"))
+    }
+    assert set(lora_target_modules(model, "llm")) == decoder_linears
+    if family == "qwen3.5":
+        assert {name.rsplit(".", 1)[-1] for name in decoder_linears} >= {"in_proj_qkv", "in_proj_z", "out_proj"}
 
 
 def test_only_a_named_layer_gets_adapters(tmp_path, tiny_model):
@@ -102,11 +135,13 @@ def test_only_a_named_layer_gets_adapters(tmp_path, tiny_model):
     assert adapted == {"q_proj", "v_proj"}
 
 
-@pytest.mark.parametrize("mode", ["--lora", "--qlora"])
-def test_lora_and_qlora_loss_falls(tmp_path, tiny_model, mode):
+@pytest.mark.parametrize(
+    "family, mode", [("qwen2-vl", "--lora"), ("qwen2-vl", "--qlora"), ("qwen3-vl", "--qlora"), ("qwen3.5", "--lora")]
+)
+def test_lora_and_qlora_loss_falls(tmp_path, family_model, family, mode):
     out = tmp_path / "out"
     flags = ["--max-steps", "30", "--batch-size", "4", "--grad-accum", "1", "--lr", "1e-2", "--warmup-steps", "0"]
-    train(tiny_model, dataset(tmp_path), out, mode, "--no-shuffle", *flags)
+    train(family_model(family), dataset(tmp_path), out, mode, "--no-shuffle", *flags)
     losses = [m["loss"] for m in metrics(out)]
     assert losses[-1] < 0.5 * losses[0]
 
@@ -136,35 +171,29 @@ def test_gradient_checkpointing_with_lora_gives_gradients_to_every_trainable_par
 
 
 @pytest.fixture(scope="module")
-def trained_adapter(tiny_model, tmp_path_factory):
-    """A LoRA run (fp32) with the merger trained in full beside the adapters."""
-    folder = tmp_path_factory.mktemp("lora")
-    out = folder / "out"
-    model = train(
-        tiny_model,
-        dataset(folder),
-        out,
-        "--lora",
-        "--max-steps",
-        "6",
-        "--lr",
-        "3e-3",
-        "--precision",
-        "fp32",
-        "--batch-size",
-        "4",
-        "--grad-accum",
-        "1",
-    )
-    return folder, out, model
+def trained_adapter(family_model, tmp_path_factory):
+    """trained_adapter(family): a LoRA run (fp32) with the mergers trained in full beside the adapters,
+    made once per family: its folder, output folder and trained model."""
+    runs = {}
+
+    def run(family: str):
+        if family not in runs:
+            folder = tmp_path_factory.mktemp(f"lora-{family}")
+            flags = ["--lora", "--max-steps", "6", "--lr", "3e-3", "--precision", "fp32", "--batch-size", "4"]
+            model = train(family_model(family), dataset(folder), folder / "out", *flags, "--grad-accum", "1")
+            runs[family] = folder, folder / "out", model
+        return runs[family]
+
+    return run
 
 
-def test_output_is_a_peft_adapter_that_restores_lora_and_the_merger(tiny_model, trained_adapter):
-    _, out, trained = trained_adapter
+@pytest.mark.parametrize("family", ["qwen2-vl", "qwen3-vl"])
+def test_output_is_a_peft_adapter_that_restores_lora_and_the_merger(family_model, trained_adapter, family):
+    _, out, trained = trained_adapter(family)
     assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
     assert (out / "processor_config.json").exists()
-    base = AutoModelForImageTextToText.from_pretrained(tiny_model, dtype=torch.float32)
-    base_merger = {n: p.clone() for n, p in base.model.visual.merger.named_parameters()}
+    base = AutoModelForImageTextToText.from_pretrained(family_model(family), dtype=torch.float32)
+    base_merger = {n: p.clone() for n, p in base.named_parameters() if part_of(n) == "merger"}
     loaded = PeftModel.from_pretrained(base, out)
     trained_params = dict(trained.named_parameters())
     restored = 0
@@ -174,23 +203,25 @@ def test_output_is_a_peft_adapter_that_restores_lora_and_the_merger(tiny_model, 
             restored += 1
     assert restored > 0
     merger = {
-        n.replace(".modules_to_save.default", ""): p
-        for n, p in loaded.base_model.model.model.visual.merger.named_parameters()
+        n.replace("base_model.model.", "", 1).replace(".modules_to_save.default", ""): p
+        for n, p in loaded.named_parameters()
         if ".modules_to_save." in n
     }
-    assert merger.keys() == base_merger.keys()
+    assert merger.keys() == base_merger.keys()  # Qwen3-VL's deepstack mergers too
     assert all(not torch.equal(p, base_merger[n]) for n, p in merger.items() if n.endswith("weight"))
 
 
-def test_merged_model_gives_the_logits_of_base_plus_adapter(tmp_path, tiny_model, trained_adapter, processor):
-    folder, out, _ = trained_adapter
+@pytest.mark.parametrize("family", FAMILIES)
+def test_merged_model_gives_the_logits_of_base_plus_adapter(tmp_path, family_model, trained_adapter, family):
+    tiny_model = family_model(family)
+    folder, out, _ = trained_adapter(family)
     merged_dir = tmp_path / "merged"
     merge.main(["--base", tiny_model, "--adapter", str(out), "--out", str(merged_dir)])
     assert json.loads((merged_dir / "config.json").read_text())["dtype"] == "float32"  # the base's, by default
 
     samples = read_samples(dataset(folder))
     check_media(samples)
-    batch = collate(Collator(processor, 4096), samples)
+    batch = collate(Collator(load_processor(tiny_model), 4096), samples)
     batch.pop("labels")
     base = AutoModelForImageTextToText.from_pretrained(tiny_model, dtype=torch.float32)
     with torch.no_grad():
@@ -217,7 +248,7 @@ def test_a_qlora_adapter_merges_into_full_precision_weights(tmp_path, tiny_model
 def test_generate_takes_an_adapter(tiny_model, trained_adapter, capsys):
     from qwen_ft import generate
 
-    folder, out, _ = trained_adapter
+    folder, out, _ = trained_adapter("qwen2-vl")
     generate.main(
         ["--model", tiny_model, "--adapter", str(out), "--data", str(folder / "data.json"), "--max-new-tokens", "4"]
     )

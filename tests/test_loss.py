@@ -6,11 +6,11 @@ import torch.nn.functional as F
 from helpers import assert_same_step, collate, loop_step, picture, qa, write_json
 
 import finetune
-from qwen_ft import tiny
 from qwen_ft.collate import IGNORE_INDEX, Collator
 from qwen_ft.data import check_media, read_samples
 from qwen_ft.lora import add_lora, quantization_config
 from qwen_ft.model import load_model, load_processor, set_trainable
+from qwen_ft.tiny import FAMILIES
 
 FROZEN = {"vision": True, "merger": False, "llm": False}
 
@@ -46,10 +46,12 @@ def full_logits_reference(model, window) -> tuple[torch.Tensor, list[torch.Tenso
 
 
 @pytest.mark.parametrize(
-    "family, mode", [("qwen2-vl", "full"), ("qwen2.5-vl", "full"), ("qwen2-vl", "lora"), ("qwen2-vl", "qlora")]
+    "family, mode",
+    [(family, "full") for family in FAMILIES]
+    + [("qwen2-vl", "lora"), ("qwen3.5", "lora"), ("qwen2-vl", "qlora"), ("qwen3-vl", "qlora")],
 )
-def test_logits_where_labels_train_give_the_loss_and_gradients_of_all_logits(tmp_path, tiny_model, family, mode):
-    model_dir = tiny_model if family == "qwen2-vl" else str(tiny.build(tmp_path / "model", arch=family))
+def test_logits_where_labels_train_give_the_loss_and_gradients_of_all_logits(tmp_path, family_model, family, mode):
+    model_dir = family_model(family)
     quantization = quantization_config(FROZEN) if mode == "qlora" else None
     model = load_model(model_dir, "fp32", "sdpa", torch.device("cpu"), quantization)
     if mode == "full":

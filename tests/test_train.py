@@ -11,7 +11,8 @@ from qwen_ft.collate import IGNORE_INDEX, Collator
 from qwen_ft.config import parse_config
 from qwen_ft.data import check_media, read_samples
 from qwen_ft.dist import single_device
-from qwen_ft.model import cast_trainable, load_model
+from qwen_ft.model import cast_trainable, load_model, load_processor
+from qwen_ft.tiny import FAMILIES
 
 
 def small_dataset(folder) -> str:
@@ -35,12 +36,13 @@ def metrics(out) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_micro_batches_of_one_give_the_gradients_of_one_batch_of_two(tmp_path, tiny_model, processor):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_two_micro_batches_of_one_give_the_gradients_of_one_batch_of_two(tmp_path, family_model, family):
     samples = read_samples(small_dataset(tmp_path))
     check_media(samples)
-    collator = Collator(processor, max_length=4096)
+    collator = Collator(load_processor(family_model(family)), max_length=4096)
     first, second = samples[0], samples[1]  # 2 and 4 trained tokens: unequal weights per micro-batch
-    model = load_model(tiny_model, "fp32", "sdpa", torch.device("cpu"))
+    model = load_model(family_model(family), "fp32", "sdpa", torch.device("cpu"))
     no_autocast = partial(torch.autocast, "cpu", enabled=False)
 
     def gradients(window):
@@ -67,11 +69,12 @@ def test_two_micro_batches_of_one_give_the_gradients_of_one_batch_of_two(tmp_pat
     assert not all(torch.allclose(a, b, rtol=1e-3) for a, b in zip(per_batch_mean, batched))
 
 
-def test_loss_falls_when_overfitting_a_batch(tmp_path, tiny_model):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_loss_falls_when_overfitting_a_batch(tmp_path, family_model, family):
     out = tmp_path / "out"
     data = small_dataset(tmp_path)
     flags = ["--batch-size", "5", "--grad-accum", "1", "--max-steps", "40", "--lr", "2e-3", "--warmup-steps", "0"]
-    train(tiny_model, data, out, *flags, "--no-shuffle", "--precision", "fp32")
+    train(family_model(family), data, out, *flags, "--no-shuffle", "--precision", "fp32")
     losses = [m["loss"] for m in metrics(out)]
     assert len(losses) == 40
     assert losses[-1] < 0.2 * losses[0]
@@ -114,7 +117,9 @@ def test_bf16_mixed_computes_in_bf16(tmp_path, tiny_model, processor):
     assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
 
 
-def test_run_writes_metrics_config_and_a_model_transformers_loads(tmp_path, tiny_model):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_run_writes_metrics_config_and_a_model_transformers_loads(tmp_path, family_model, family):
+    tiny_model = family_model(family)
     out = tmp_path / "out"
     data = small_dataset(tmp_path)
     train(tiny_model, data, out, "--max-steps", "7", "--batch-size", "1", "--grad-accum", "2", "--lr", "1e-3")
@@ -129,6 +134,7 @@ def test_run_writes_metrics_config_and_a_model_transformers_loads(tmp_path, tiny
 
     model = AutoModelForImageTextToText.from_pretrained(out)
     processor = AutoProcessor.from_pretrained(out)
+    assert type(model) is FAMILIES[family].model and type(processor) is FAMILIES[family].processor
     base = AutoModelForImageTextToText.from_pretrained(tiny_model)
     assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), base.parameters()))
     messages = [
@@ -147,22 +153,39 @@ def test_run_writes_metrics_config_and_a_model_transformers_loads(tmp_path, tiny
     assert generated.shape[1] > inputs["input_ids"].shape[1]
 
 
-def test_frozen_parts_do_not_change(tmp_path, tiny_model):
+def merger_module(name: str) -> bool:
+    """Whether a parameter belongs to a module that feeds vision features into the LLM: the merger, and
+    Qwen3-VL's deepstack mergers (which feed earlier vision blocks' features to the first decoder layers)."""
+    return name.startswith(("model.visual.merger.", "model.visual.deepstack_merger_list."))
+
+
+@pytest.mark.parametrize("family", ["qwen2-vl", "qwen3-vl"])
+def test_frozen_parts_do_not_change(tmp_path, family_model, family):
+    tiny_model = family_model(family)
     flags = ["--max-steps", "3", "--lr", "1e-3", "--freeze-llm", "--precision", "fp32"]
     model = train(tiny_model, small_dataset(tmp_path), tmp_path / "out", *flags)
-    base = load_model(tiny_model, "fp32", "sdpa", torch.device("cpu"))
-    changed = {
-        name.split(".")[1] if name.startswith("model.") else name.split(".")[0]
-        for (name, a), b in zip(model.named_parameters(), base.parameters())
-        if not torch.equal(a, b)
-    }
-    assert changed == {"visual"}  # only the merger, which lives under model.visual, trained
-    merger = dict(model.model.visual.merger.named_parameters())
-    base_merger = dict(base.model.visual.merger.named_parameters())
-    assert all(not torch.equal(merger[n], base_merger[n]) for n in merger if n.endswith("weight"))
-    assert all(
-        torch.equal(a, b) for a, b in zip(model.model.visual.blocks.parameters(), base.model.visual.blocks.parameters())
-    )
+    base = dict(load_model(tiny_model, "fp32", "sdpa", torch.device("cpu")).named_parameters())
+    changed = {name for name, param in model.named_parameters() if not torch.equal(param, base[name])}
+    # Only the mergers trained, every weight matrix of them.
+    assert changed <= {name for name in base if merger_module(name)}
+    assert {name for name in base if merger_module(name) and name.endswith("weight")} <= changed
+    if family == "qwen3-vl":
+        assert any(".deepstack_merger_list." in name for name in changed)
+
+
+@pytest.mark.parametrize("family", ["qwen2-vl", "qwen3-vl"])
+def test_each_part_trains_at_its_own_learning_rate(tmp_path, family_model, family):
+    """AdamW's first step moves each weight by lr * g / (|g| + eps), so a parameter's largest change is its lr."""
+    tiny_model = family_model(family)
+    rates = {"vision": 4e-3, "merger": 2e-3, "llm": 1e-3}
+    flags = ["--max-steps", "1", "--batch-size", "5", "--grad-accum", "1", "--precision", "fp32", "--no-freeze-vision"]
+    flags += ["--lr", str(rates["llm"]), "--vision-lr", str(rates["vision"]), "--merger-lr", str(rates["merger"])]
+    model = train(tiny_model, small_dataset(tmp_path), tmp_path / "out", *flags, "--weight-decay", "0")
+    base = dict(load_model(tiny_model, "fp32", "sdpa", torch.device("cpu")).named_parameters())
+    for name, param in model.named_parameters():
+        part = "merger" if merger_module(name) else "vision" if name.startswith("model.visual.") else "llm"
+        largest_change = (param - base[name]).abs().max().item()
+        assert largest_change == pytest.approx(rates[part], rel=1e-3), name
 
 
 def test_trained_labels_count_matches_metrics(tmp_path, tiny_model, processor):

@@ -1,31 +1,19 @@
 """Video samples from the data file through the checks, the collator and a training step."""
 
 import json
+import re
 
 import pytest
-from helpers import picture, qa, reference_labels, write_json
+from helpers import clip, picture, qa, reference_labels, video_qa, write_json
 
 import finetune
-from qwen_ft import example_data, generate, inspect_data, tiny
+from qwen_ft import generate, inspect_data
 from qwen_ft.collate import Collator
 from qwen_ft.config import parse_config
 from qwen_ft.data import check_media, read_samples
 from qwen_ft.dist import single_device
-from qwen_ft.model import load_processor
-from qwen_ft.video import VideoSettings
-
-
-def clip(folder, name="clip.mp4", frames=16) -> str:
-    """A 2 s clip (8 fps) of a red circle moving right."""
-    pictures = [example_data.draw_at("circle", "red", 0.3 + 0.4 * t / (frames - 1), 0.5, 18) for t in range(frames)]
-    folder.mkdir(parents=True, exist_ok=True)
-    example_data.write_clip(folder / name, pictures, fps=8)
-    return name
-
-
-def video_qa(video, question="Which way does the shape move?", answer="right", **settings) -> dict:
-    content = [{"type": "video", "video": video, **settings}, {"type": "text", "text": question}]
-    return {"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]}
+from qwen_ft.tiny import FAMILIES
+from qwen_ft.video import VideoSettings, frame_times, video_info
 
 
 def mixed_data(folder) -> str:
@@ -47,11 +35,13 @@ def loaded(data, processor, video=VideoSettings()):
     return samples, collator
 
 
-def test_a_batch_mixing_images_and_videos(tmp_path, processor):
-    samples, collator = loaded(mixed_data(tmp_path), processor)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_batch_mixing_images_and_videos(tmp_path, family_processor, family):
+    samples, collator = loaded(mixed_data(tmp_path), family_processor(family))
     batch = collator(samples)
-    assert batch["pixel_values"].shape[0] == 64  # one 112x112 picture: 8x8 patches
-    # Video 1: 2 s at 2 fps = 4 frames = 2 temporal patches; video 2: 1 s at 4 fps = 4 frames.
+    # One 112x112 picture: 8x8 patches, of 14 px, or of 16 px once Qwen3's resize to multiples of 32 makes it 128x128.
+    assert batch["pixel_values"].shape[0] == 64
+    # Video 1: 2 s at 2 fps = 4 frames = 2 temporal patches; video 2: 1 s at 4 fps = 4 frames; 8x8 patches as above.
     assert batch["video_grid_thw"].tolist() == [[2, 8, 8], [2, 8, 8]]
     for row, sample in enumerate(samples):
         ids = batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist()
@@ -65,38 +55,67 @@ def test_per_sample_keys_override_the_run_settings(tmp_path, processor):
     samples, collator = loaded(mixed_data(tmp_path), processor, VideoSettings(fps=1.0, total_pixels=4 * 28 * 28))
     # The run's 1 fps gives 2 frames, raised to min_frames (4); a budget of 4 tokens would shrink the
     # frames below the 56x56 floor (min_pixels), so they stop there.
-    assert samples[1].video_shapes == [(4, 56, 56)]
+    assert samples[1].video_plans[0][:3] == (4, 56, 56)
     # The third sample's own fps (4) over its own 1 s range: 4 frames too.
-    assert samples[2].video_shapes == [(4, 56, 56)]
-    frames, sample_fps = collator.load_video(samples[2].parts("video")[0])
-    assert frames.shape[0] == 4 and sample_fps == pytest.approx(4.0)
-    assert frames.shape[2:] == samples[2].video_shapes[0][1:]
+    assert samples[2].video_plans[0][:3] == (4, 56, 56)
+    frames, metadata = collator.load_video(samples[2].parts("video")[0])
+    assert frames.shape[0] == 4 and metadata.fps == pytest.approx(4.0)
+    assert frames.shape[2:] == samples[2].video_plans[0][1:3]
 
 
-def test_a_training_step_on_video_samples(tmp_path, tiny_model):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_training_step_on_video_samples(tmp_path, family_model, family):
     out = tmp_path / "out"
-    args = ["--model", tiny_model, "--data", mixed_data(tmp_path), "--output-dir", str(out), "--num-workers", "0"]
+    args = [
+        "--model",
+        family_model(family),
+        "--data",
+        mixed_data(tmp_path),
+        "--output-dir",
+        str(out),
+        "--num-workers",
+        "0",
+    ]
     args += ["--max-steps", "2", "--batch-size", "2", "--grad-accum", "2", "--no-shuffle", "--lr", "1e-3"]
     finetune.train(parse_config(args), single_device())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["loss"] == r["loss"] and r["trained_tokens"] > 0 for r in rows)
 
 
-@pytest.fixture(scope="module")
-def tiny_qwen25(tmp_path_factory) -> str:
-    return str(tiny.build(tmp_path_factory.mktemp("tiny25"), arch="qwen2.5-vl"))
-
-
-def test_qwen2_5_vl_gets_seconds_per_temporal_patch(tmp_path, tiny_qwen25):
-    data = mixed_data(tmp_path)
-    samples, collator = loaded(data, load_processor(tiny_qwen25))
+def test_qwen2_5_vl_gets_seconds_per_temporal_patch(tmp_path, family_processor):
+    processor = family_processor("qwen2.5-vl")
+    samples, collator = loaded(mixed_data(tmp_path), processor)
     batch = collator(samples)
-    # Two frames per temporal patch, at 2 fps (run setting) and at 4 fps (the third sample's own).
-    assert batch["second_per_grid_ts"].tolist() == pytest.approx([1.0, 0.5])
-    out = tmp_path / "out"
-    args = ["--model", tiny_qwen25, "--data", data, "--output-dir", str(out), "--num-workers", "0", "--max-steps", "1"]
-    finetune.train(parse_config(args), single_device())
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    # A temporal patch spans temporal_patch_size frames taken at the rate the reader took them: 2 fps (the
+    # run's setting) for the first video, 4 fps (its own) for the second.
+    plans = [plan for sample in samples for plan in sample.video_plans]
+    assert [plan.sample_fps for plan in plans] == pytest.approx([2.0, 4.0])
+    temporal_patch = processor.video_processor.temporal_patch_size
+    assert batch["second_per_grid_ts"].tolist() == pytest.approx([temporal_patch / plan.sample_fps for plan in plans])
+
+
+def test_qwen3_vl_writes_the_time_of_each_temporal_patch_into_the_text(tmp_path, family_processor):
+    settings = VideoSettings()
+    samples, collator = loaded(mixed_data(tmp_path), family_processor("qwen3-vl"), settings)
+    batch = collator(samples)
+    for row, sample in enumerate(samples):
+        text = collator.processor.tokenizer.decode(batch["input_ids"][row])
+        expected = []
+        for part in sample.parts("video"):
+            part_settings = settings.for_part(part)
+            times = frame_times(
+                video_info(str(tmp_path / part["video"])),
+                part_settings.fps,
+                part_settings.min_frames,
+                part_settings.max_frames,
+                part_settings.start,
+                part_settings.end,
+            )
+            # Seconds from the video's start (not the range's), each temporal patch at its two frames' mean.
+            expected += [f"<{(first + second) / 2:.1f} seconds>" for first, second in zip(times[::2], times[1::2])]
+        assert re.findall(r"<[0-9.]+ seconds>", text) == expected
+    # The third sample's range starts at 0.5 s: its first frames are at 0.625 and 0.875 s, at 4 fps.
+    assert "<0.8 seconds>" in collator.processor.tokenizer.decode(batch["input_ids"][2])
 
 
 def run_finetune(tiny_model, data, out) -> str:
@@ -132,7 +151,9 @@ def test_bad_videos_stop_before_training(tmp_path, tiny_model, make, settings, m
     assert f"{data}: sample 1: " in error and message in error and len(error.splitlines()) == 1
 
 
-def test_inspect_and_generate_handle_video(tmp_path, tiny_model, capsys):
+@pytest.mark.parametrize("family", ["qwen2-vl", "qwen3-vl"])
+def test_inspect_and_generate_handle_video(tmp_path, family_model, family, capsys):
+    tiny_model = family_model(family)
     data = mixed_data(tmp_path)
     inspect_data.main(["--model", tiny_model, "--data", data, "--json"])
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
