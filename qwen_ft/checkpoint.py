@@ -109,7 +109,10 @@ def save_checkpoint(
     barrier(dist)
     if dist.is_main:
         fsync_tree(partial)
+        if final.exists():  # left by an earlier run in this folder that was not resumed: replaced, not kept
+            final.rename(root / f".tmp-{final.name}.old")
         partial.rename(final)
+        shutil.rmtree(root / f".tmp-{final.name}.old", ignore_errors=True)
         for old in complete_checkpoints(out)[: -cfg.keep_last]:
             shutil.rmtree(old)
     barrier(dist)

@@ -367,3 +367,18 @@ def test_out_of_memory_names_the_step_and_what_saves_memory(tmp_path, tiny_model
     message = str(exit_info.value.code)
     assert "ran out of memory at step 3" in message
     assert all(flag in message for flag in ("--gradient-checkpointing", "--batch-size", "--grad-accum", "--qlora"))
+
+
+def test_a_fresh_run_replaces_the_checkpoints_an_earlier_run_left_in_its_folder(tmp_path, tiny_model):
+    data = dataset(tmp_path)
+    args = flags(tiny_model, data, tmp_path / "out", "--max-steps", "4", "--save-every", "2")
+    finetune.main(args)
+    earlier = torch.load(tmp_path / "out" / "checkpoints" / "step-00000004" / "state.pt", weights_only=True)
+    finetune.main([*args, "--seed", "7"])  # not --resume: a new run over the old one's checkpoints
+    state = torch.load(tmp_path / "out" / "checkpoints" / "step-00000004" / "state.pt", weights_only=True)
+    assert state["step"] == 4 and rows(tmp_path / "out")[-1]["step"] == 4
+    assert not torch.equal(state["optimizer"]["state"][0]["exp_avg"], earlier["optimizer"]["state"][0]["exp_avg"])
+    assert [p.name for p in (tmp_path / "out" / "checkpoints").iterdir()] == [
+        "step-00000002",
+        "step-00000004",
+    ] or sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
