@@ -139,3 +139,34 @@ def test_eval_under_two_processes_equals_one(tmp_path, tiny_model, sharding):
     assert [r["eval_tokens"] for r in evals_two] == [r["eval_tokens"] for r in evals_one]
     for a, b in zip(evals_one, evals_two):
         assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-5)
+
+
+def test_a_resumed_run_goes_on_with_its_eval_history_and_best_checkpoint(tmp_path, tiny_model, monkeypatch):
+    data = eval_data(tmp_path / "data")
+    args = ["--model", tiny_model, "--data", data, "--eval-data", data, "--precision", "fp32", "--num-workers", "0"]
+    args += ["--batch-size", "2", "--grad-accum", "1", "--lr", "1e-3", "--max-steps", "4", "--eval-every", "1"]
+    args += ["--save-every", "2", "--save-best"]
+    finetune.train(parse_config([*args, "--output-dir", str(tmp_path / "whole")]), single_device())
+
+    real, calls = finetune.forward_backward, []
+
+    def crash_in_step_3(*inputs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("the machine went away")
+        return real(*inputs)
+
+    monkeypatch.setattr(finetune, "forward_backward", crash_in_step_3)
+    with pytest.raises(RuntimeError, match="went away"):
+        finetune.train(parse_config([*args, "--output-dir", str(tmp_path / "cut")]), single_device())
+    monkeypatch.undo()
+    finetune.train(parse_config([*args, "--output-dir", str(tmp_path / "cut"), "--resume"]), single_device())
+
+    whole, cut = records(tmp_path / "whole")[1], records(tmp_path / "cut")[1]
+    assert [r["step"] for r in cut] == [r["step"] for r in whole] == [0, 1, 2, 3, 4]  # each evaluation once
+    assert [r["eval_loss"] for r in cut] == pytest.approx([r["eval_loss"] for r in whole], rel=1e-6)
+    best = [json.loads((tmp_path / run / "checkpoints" / "best.json").read_text()) for run in ("whole", "cut")]
+    assert (
+        best[0]["step"] == best[1]["step"]
+        and (tmp_path / "cut" / "checkpoints" / f"step-{best[1]['step']:08d}").is_dir()
+    )
