@@ -250,7 +250,9 @@ def train(cfg: Config, dist: Dist):
     if dist.is_main:
         cfg.save(out / "train_config.json")
     metrics = open_metrics(out / "metrics.jsonl", start_step if resume_from else None) if dist.is_main else None
-    trackers = open_trackers(cfg.trackers() if dist.is_main else [], out, dataclasses.asdict(cfg), start_step)
+    trackers = open_trackers(
+        cfg.trackers() if dist.is_main else [], out, dataclasses.asdict(cfg), start_step if resume_from else None
+    )
     autocast = partial(torch.autocast, dist.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16-mixed")
     progress = tqdm(total=total_steps, initial=start_step, disable=not dist.is_main, desc="train", dynamic_ncols=True)
     stop, bad_in_a_row = StopSignal(), 0  # SIGTERM or SIGINT: finish the step, save a checkpoint, exit

@@ -1,6 +1,7 @@
 """Evaluation during training: the eval loss, the answers, the best checkpoint, under one process and two."""
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -170,3 +171,22 @@ def test_a_resumed_run_goes_on_with_its_eval_history_and_best_checkpoint(tmp_pat
         best[0]["step"] == best[1]["step"]
         and (tmp_path / "cut" / "checkpoints" / f"step-{best[1]['step']:08d}").is_dir()
     )
+
+
+def test_a_run_reports_to_tensorboard_draws_its_report_and_outlives_a_missing_tracker(
+    tmp_path, tiny_model, monkeypatch, capsys
+):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed, whatever this machine has
+    out = run(tiny_model, tmp_path, "--max-steps", "3", "--eval-every", "2", "--report-to", "tensorboard,wandb")
+    assert "--report-to wandb: cannot import wandb" in capsys.readouterr().err
+    training, evals = records(out)
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    logged = {name: [(e.step, e.value) for e in events.Scalars(name)] for name in ("loss", "eval_loss")}
+    assert logged["loss"] == [(r["step"], pytest.approx(r["loss"])) for r in training]
+    assert logged["eval_loss"] == [(r["step"], pytest.approx(r["eval_loss"])) for r in evals]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["best_eval_loss"] == min(r["eval_loss"] for r in evals)
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
