@@ -259,11 +259,16 @@ def train(cfg: Config, dist: Dist):
     save = partial(save_checkpoint, out, model=model, optimizer=optimizer, scheduler=scheduler, dist=dist, cfg=cfg,
                    counters=counters, processor=processor)  # fmt: skip
     run_began, elapsed_before = time.perf_counter(), counters["elapsed_s"]
+
+    def elapsed() -> float:  # seconds of the run so far, across resumes
+        return round(elapsed_before + time.perf_counter() - run_began, 1)
+
+    step = start_step  # as an out-of-memory error names it, also in the first evaluation
     try:
         if eval_samples and not resume_from:  # the baseline: step 0 is the model as loaded
             record = evaluate(model, eval_samples, collator, cfg, dist, autocast, 0, out)
             if dist.is_main:
-                log({**record, "elapsed_s": elapsed_before}, metrics, trackers)
+                log({**record, "elapsed_s": elapsed()}, metrics, trackers)
         model.train()
         for step in range(start_step + 1, total_steps + 1):
             began = time.perf_counter()
@@ -290,7 +295,7 @@ def train(cfg: Config, dist: Dist):
             bad_in_a_row = 0 if finite else bad_in_a_row + 1
             counters["bad_steps"] += not finite
             counters["skipped_samples"] += skipped
-            counters["elapsed_s"] = round(elapsed_before + time.perf_counter() - run_began, 1)
+            counters["elapsed_s"] = elapsed()
             record = {
                 "step": step,
                 "epoch": round(step * cfg.grad_accum / batches_per_epoch, 4),
@@ -318,7 +323,7 @@ def train(cfg: Config, dist: Dist):
             if eval_samples and (step == total_steps or (cfg.eval_every and step % cfg.eval_every == 0)):
                 record = evaluate(model, eval_samples, collator, cfg, dist, autocast, step, out)
                 if dist.is_main:
-                    log({**record, "elapsed_s": counters["elapsed_s"]}, metrics, trackers)
+                    log({**record, "elapsed_s": elapsed()}, metrics, trackers)
                 if cfg.save_best and record["eval_loss"] < best["eval_loss"]:
                     best = {"step": step, "eval_loss": record["eval_loss"]}
                     folder = save(step, best=best)
