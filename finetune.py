@@ -27,7 +27,9 @@ from tqdm import tqdm
 
 from qwen_ft.batching import BatchPlan, check_token_budget
 from qwen_ft.checkpoint import (
+    best_checkpoint,
     check_resume_config,
+    checkpoint_folder,
     find_checkpoint,
     load_checkpoint,
     open_metrics,
@@ -38,6 +40,7 @@ from qwen_ft.collate import IGNORE_INDEX, Collator
 from qwen_ft.config import Config, ConfigError, parse_config
 from qwen_ft.data import BadSample, DataError, check_media, read_samples
 from qwen_ft.dist import Dist, single_device
+from qwen_ft.generate import answer_samples
 from qwen_ft.lora import add_lora, quantization_config
 from qwen_ft.model import (
     ModelUnavailable,
@@ -49,8 +52,11 @@ from qwen_ft.model import (
 )
 from qwen_ft.optim import make_optimizer, make_scheduler
 from qwen_ft.packing import real_tokens, rope_index_of
-from qwen_ft.report import run_summary
+from qwen_ft.report import run_summary, write_report
 from qwen_ft.stop import RunStopped, StopSignal, ignore_signals, out_of_memory
+from qwen_ft.trackers import open_trackers
+
+EVAL_MAX_NEW_TOKENS = 128  # longest answer generated at an evaluation
 
 
 def forward_backward(model, window: list[dict], dist: Dist, autocast) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,22 +72,61 @@ def forward_backward(model, window: list[dict], dist: Dist, autocast) -> tuple[t
     loss_sum = torch.zeros((), device=dist.device)
     for i, batch in enumerate(window):
         batch = {key: value.to(dist.device, non_blocking=True) for key, value in batch.items()}
-        labels = batch.pop("labels")
-        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # the token each position predicts
-        trained = targets != IGNORE_INDEX
         with dist.no_sync(model, sync=i == len(window) - 1):
-            with autocast():
-                # The output head runs on the trained positions alone, inside the model's forward (so
-                # DDP and FSDP see it): logits of (trained tokens, vocab), not (batch, length, vocab).
-                # No KV cache: it only serves generation, and it would hide packed samples' boundaries.
-                logits = model(**batch, logits_to_keep=trained, use_cache=False).logits
-            loss = cross_entropy_sum(logits, targets[trained])
+            loss, _ = summed_loss(model, batch, autocast)
             if loss.requires_grad:  # false for a text-only micro-batch when only vision parts train
                 # DDP and FSDP average gradients over ranks; the loss is already a share of the
                 # whole window's, so multiply the average back into a sum.
                 (loss * dist.world_size / trained_tokens).backward()
         loss_sum += loss.detach()
     return loss_sum, trained_tokens
+
+
+def summed_loss(model, batch: dict, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cross-entropy summed over a micro-batch's trained tokens (on the device), and their count."""
+    labels = batch.pop("labels")
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # the token each position predicts
+    trained = targets != IGNORE_INDEX
+    with autocast():
+        # The output head runs on the trained positions alone, inside the model's forward (so
+        # DDP and FSDP see it): logits of (trained tokens, vocab), not (batch, length, vocab).
+        # No KV cache: it only serves generation, and it would hide packed samples' boundaries.
+        logits = model(**batch, logits_to_keep=trained, use_cache=False).logits
+    return cross_entropy_sum(logits, targets[trained]), trained.sum()
+
+
+@torch.no_grad()
+def evaluate(model, samples, collator: Collator, cfg: Config, dist: Dist, autocast, step: int, out: Path) -> dict:
+    """The eval record of a step: the mean loss per trained token over the eval samples, computed as in
+    training, each rank on its share and the sums added; with --eval-generate, the mean scores of greedy
+    answers to the first eval samples, whose answers go to OUTPUT_DIR/eval/step-NNNNNNNN.jsonl."""
+    model.eval()  # no dropout
+    batches = [samples[i : i + cfg.batch_size] for i in range(0, len(samples), cfg.batch_size)]
+    mine = batches[dist.rank :: dist.world_size]
+    # Every rank runs as many forwards (FSDP gathers the weights in each): one short of batches runs an
+    # empty one, a padding token without labels (and the blank image of distributed runs).
+    mine += [[]] * (math.ceil(len(batches) / dist.world_size) - len(mine))
+    totals = torch.zeros(2, device=dist.device)
+    for batch in DataLoader(mine, batch_size=None, collate_fn=collator, num_workers=cfg.num_workers):
+        bad_samples = batch.pop("bad_samples")
+        if bad_samples and not cfg.skip_bad_samples:
+            raise BadSample(f"{bad_samples[0]} (--skip-bad-samples skips such samples)")
+        batch = {key: value.to(dist.device) for key, value in batch.items()}
+        totals += torch.stack(summed_loss(model, batch, autocast)).float()
+    loss_sum, tokens = dist.all_reduce_sum(totals).tolist()
+    record = {"step": step, "eval_loss": loss_sum / tokens, "eval_tokens": int(tokens)}
+    if cfg.eval_generate:
+        # Every rank answers the same samples: under FSDP each forward is a collective.
+        with autocast():
+            answers, means = answer_samples(
+                dist.unwrap(model), collator, samples[: cfg.eval_generate], cfg.batch_size, EVAL_MAX_NEW_TOKENS
+            )
+        record.update({f"eval_{key}": mean for key, mean in means.items()})
+        if dist.is_main:
+            (out / "eval").mkdir(parents=True, exist_ok=True)
+            (out / "eval" / f"step-{step:08d}.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
+    model.train()
+    return record
 
 
 def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
@@ -123,6 +168,16 @@ def micro_batches(samples, plan: BatchPlan, collator: Collator, cfg: Config, sta
     )
 
 
+def checked_samples(path: str, cfg: Config, collator: Collator, dist: Dist) -> list:
+    """A data file's samples, each checked (structure, media, length); the first problems stop the run."""
+    samples = read_samples(path, cfg.media_root, collator.tokens.all_strings)
+    check_media(samples, cfg.video(), collator.video_factor, dist=dist)  # each process checks a share
+    samples = collator.drop_overlong(samples, quiet=not dist.is_main)
+    if not samples:
+        raise DataError(f"{path}: no sample fits in --max-length {cfg.max_length}")
+    return samples
+
+
 def train(cfg: Config, dist: Dist):
     out = Path(cfg.output_dir)
     resume_from = find_checkpoint(cfg.resume, out) if cfg.resume else None
@@ -142,11 +197,8 @@ def train(cfg: Config, dist: Dist):
     dist.print(json.dumps(dataclasses.asdict(cfg), indent=1))  # once the model is known to be there
     rope_index = rope_index_of(cfg.model, cfg.trust_remote_code) if cfg.packing else None
     collator = Collator(processor, cfg.max_length, cfg.video(), blank_image=dist.world_size > 1, rope_index=rope_index)
-    samples = read_samples(cfg.data, cfg.media_root, collator.tokens.all_strings)
-    check_media(samples, cfg.video(), collator.video_factor, dist=dist)  # each process checks a share
-    samples = collator.drop_overlong(samples, quiet=not dist.is_main)
-    if not samples:
-        raise DataError(f"{cfg.data}: no sample fits in --max-length {cfg.max_length}")
+    samples = checked_samples(cfg.data, cfg, collator, dist)
+    eval_samples = checked_samples(cfg.eval_data, cfg, collator, dist) if cfg.eval_data else None
     if cfg.max_tokens:
         check_token_budget(samples, cfg.max_tokens)
 
@@ -186,10 +238,11 @@ def train(cfg: Config, dist: Dist):
     scheduler = make_scheduler(optimizer, cfg.warmup_steps, total_steps)
 
     # Resume: weights, optimizer, schedule, random state and data position of the checkpoint.
-    start_step, counters = 0, {"bad_steps": 0, "skipped_samples": 0}
+    start_step, counters = 0, {"bad_steps": 0, "skipped_samples": 0, "elapsed_s": 0.0}
     if resume_from:
         state = load_checkpoint(resume_from, model, optimizer, scheduler, dist)
-        start_step, counters = state["step"], {name: state[name] for name in counters}
+        start_step, counters = state["step"], {name: state.get(name, 0) for name in counters}
+    best = best_checkpoint(out, start_step)  # with --save-best: {"step", "eval_loss"} of the best so far
     batches = micro_batches(samples, plan, collator, cfg, start=start_step * cfg.grad_accum)
 
     # Loop: `step` counts optimizer steps; each takes grad_accum micro-batches.
@@ -197,11 +250,26 @@ def train(cfg: Config, dist: Dist):
     if dist.is_main:
         cfg.save(out / "train_config.json")
     metrics = open_metrics(out / "metrics.jsonl", start_step if resume_from else None) if dist.is_main else None
+    trackers = open_trackers(
+        cfg.trackers() if dist.is_main else [], out, dataclasses.asdict(cfg), start_step if resume_from else None
+    )
     autocast = partial(torch.autocast, dist.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16-mixed")
     progress = tqdm(total=total_steps, initial=start_step, disable=not dist.is_main, desc="train", dynamic_ncols=True)
     stop, bad_in_a_row = StopSignal(), 0  # SIGTERM or SIGINT: finish the step, save a checkpoint, exit
-    model.train()
+    save = partial(save_checkpoint, out, model=model, optimizer=optimizer, scheduler=scheduler, dist=dist, cfg=cfg,
+                   counters=counters, processor=processor)  # fmt: skip
+    run_began, elapsed_before = time.perf_counter(), counters["elapsed_s"]
+
+    def elapsed() -> float:  # seconds of the run so far, across resumes
+        return round(elapsed_before + time.perf_counter() - run_began, 1)
+
+    step = start_step  # as an out-of-memory error names it, also in the first evaluation
     try:
+        if eval_samples and not resume_from:  # the baseline: step 0 is the model as loaded
+            record = evaluate(model, eval_samples, collator, cfg, dist, autocast, 0, out)
+            if dist.is_main:
+                log({**record, "elapsed_s": elapsed()}, metrics, trackers)
+        model.train()
         for step in range(start_step + 1, total_steps + 1):
             began = time.perf_counter()
             window = [next(batches) for _ in range(cfg.grad_accum)]
@@ -227,6 +295,7 @@ def train(cfg: Config, dist: Dist):
             bad_in_a_row = 0 if finite else bad_in_a_row + 1
             counters["bad_steps"] += not finite
             counters["skipped_samples"] += skipped
+            counters["elapsed_s"] = elapsed()
             record = {
                 "step": step,
                 "epoch": round(step * cfg.grad_accum / batches_per_epoch, 4),
@@ -242,8 +311,7 @@ def train(cfg: Config, dist: Dist):
                 **counters,
             }
             if dist.is_main:
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
+                log(record, metrics, trackers)
                 progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
                 progress.update()
             if bad_in_a_row >= cfg.max_bad_steps:
@@ -251,9 +319,16 @@ def train(cfg: Config, dist: Dist):
                     f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (up to step "
                     f"{step}); the last checkpoint holds the last good weights. Try a lower --lr"
                 )
-            stopping = stop.requested(dist)
-            if stopping or (cfg.save_every and step % cfg.save_every == 0):
-                folder = save_checkpoint(out, step, model, optimizer, scheduler, dist, cfg, counters, processor)
+            stopping, folder = stop.requested(dist), None
+            if eval_samples and (step == total_steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+                record = evaluate(model, eval_samples, collator, cfg, dist, autocast, step, out)
+                if dist.is_main:
+                    log({**record, "elapsed_s": elapsed()}, metrics, trackers)
+                if cfg.save_best and record["eval_loss"] < best["eval_loss"]:
+                    best = {"step": step, "eval_loss": record["eval_loss"]}
+                    folder = save(step, best=best)
+            if not folder and (stopping or (cfg.save_every and step % cfg.save_every == 0)):
+                folder = save(step, best=best)
             if stopping:
                 dist.print(f"stopped after step {step}, saved {folder}; run the same command with --resume to go on")
                 return model
@@ -264,6 +339,7 @@ def train(cfg: Config, dist: Dist):
         progress.close()
         if metrics:
             metrics.close()
+        trackers.close()
 
     # Save: a transformers checkpoint (fp32 under bf16-mixed: see one_dtype), or with LoRA a peft
     # adapter (plus modules trained in full), that from_pretrained loads as it is.
@@ -272,7 +348,18 @@ def train(cfg: Config, dist: Dist):
         save_model(out, dist.unwrap(model), state_dict)
         processor.save_pretrained(out)
         dist.print(f"saved the fine-tuned model to {out}\n{run_summary(out / 'metrics.jsonl')}")
+        if cfg.save_best and best["step"]:
+            kept = checkpoint_folder(out, best["step"])
+            dist.print(f"lowest eval loss {best['eval_loss']:.4f} at step {best['step']}, kept in {kept}")
+        write_report(out)  # report.png and summary.json; a failure is a warning, never the run's end
     return model
+
+
+def log(record: dict, metrics, trackers) -> None:
+    """One record to metrics.jsonl, flushed (a crash keeps every line written), and to each --report-to tracker."""
+    metrics.write(json.dumps(record) + "\n")
+    metrics.flush()
+    trackers.log(record)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,6 +12,7 @@ final name is never read, and the next save removes it.
 """
 
 import json
+import math
 import os
 import random
 import shutil
@@ -34,10 +35,15 @@ from qwen_ft.config import Config, ConfigError
 from qwen_ft.dist import Dist
 
 PREFIX = "step-"
+BEST_FILE = "best.json"  # beside the checkpoints: the step and eval loss of the one --save-best keeps
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
+
+
+def checkpoint_folder(output_dir: str | Path, step: int) -> Path:
+    return checkpoints_dir(output_dir) / f"{PREFIX}{step:08d}"
 
 
 def complete_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -82,11 +88,13 @@ def fsync_tree(folder: Path) -> None:
 
 
 def save_checkpoint(
-    out: Path, step: int, model, optimizer, scheduler, dist: Dist, cfg: Config, counters: dict, processor
+    out: Path, step: int, model, optimizer, scheduler, dist: Dist, cfg: Config, counters: dict, processor, best=None
 ) -> Path:
-    """Write checkpoint `step` (every rank takes part); keep the newest cfg.keep_last. Returns its path."""
-    root = checkpoints_dir(out)
-    final, partial = root / f"{PREFIX}{step:08d}", root / f".tmp-{PREFIX}{step:08d}"
+    """Write checkpoint `step` (every rank takes part); keep the newest cfg.keep_last, and the best one:
+    best is {"step", "eval_loss"} of the checkpoint --save-best keeps, which is this one when its step is
+    this step (then recorded in BEST_FILE). Returns its path."""
+    root, final = checkpoints_dir(out), checkpoint_folder(out, step)
+    partial = root / f".tmp-{final.name}"
     if dist.is_main:
         for stale in root.glob(f".tmp-{PREFIX}*"):  # left by a crash during an earlier save
             shutil.rmtree(stale)
@@ -113,10 +121,27 @@ def save_checkpoint(
             final.rename(root / f".tmp-{final.name}.old")
         partial.rename(final)
         shutil.rmtree(root / f".tmp-{final.name}.old", ignore_errors=True)
+        if best and best["step"] == step:
+            written = root / f".tmp-{BEST_FILE}"
+            written.write_text(json.dumps(best) + "\n")
+            written.rename(root / BEST_FILE)
         for old in complete_checkpoints(out)[: -cfg.keep_last]:
-            shutil.rmtree(old)
+            if not best or old != checkpoint_folder(out, best["step"]):
+                shutil.rmtree(old)
     barrier(dist)
     return final
+
+
+def best_checkpoint(out: Path, resumed_step: int | None = None) -> dict:
+    """{"step", "eval_loss"} of the checkpoint --save-best keeps; step 0 and an infinite loss if there is none.
+    A run that starts at resumed_step ignores a best one written later, by a run it doesn't continue."""
+    try:
+        best = json.loads((checkpoints_dir(out) / BEST_FILE).read_text())
+    except (OSError, ValueError):
+        best = None
+    if best is None or (resumed_step is not None and best["step"] > resumed_step):
+        return {"step": 0, "eval_loss": math.inf}
+    return best
 
 
 def one_dtype(weights: dict) -> tuple[dict, torch.dtype]:
@@ -216,6 +241,7 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, dist: Dist) -> di
 MAY_CHANGE = {
     "output_dir", "resume", "max_steps", "epochs", "save_every", "keep_last", "num_workers",
     "max_bad_steps", "skip_bad_samples", "media_root",
+    "eval_data", "eval_every", "eval_generate", "save_best", "report_to",
 }  # fmt: skip
 
 

@@ -7,6 +7,7 @@ import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qwen_ft.trackers import TRACKERS
 from qwen_ft.video import VideoSettings
 
 PRECISIONS = ("bf16-mixed", "bf16", "fp32")
@@ -109,6 +110,21 @@ class Config:
     skip_bad_samples: bool = option(False, "skip a sample whose media fails to load during training (else stop)")
     trust_remote_code: bool = option(False, "let transformers run code that comes with the model (off: only its own)")
 
+    # Evaluation and reports
+    eval_data: str | None = option(
+        None, "held-out data in --data's format; its mean loss per trained token is logged as eval_loss"
+    )
+    eval_every: int = option(
+        0, "evaluate every this many optimizer steps, besides before the first and after the last (0: only those)"
+    )
+    eval_generate: int = option(
+        0, "at each evaluation, answer the first N eval samples greedily; scores and answers go to OUTPUT_DIR/eval/"
+    )
+    save_best: bool = option(
+        False, "at each evaluation that lowers the eval loss, save a checkpoint and keep it besides --keep-last"
+    )
+    report_to: str = option("", f"comma list of trackers that get every metrics.jsonl record: {', '.join(TRACKERS)}")
+
     # Run
     seed: int = option(42, "seed for weights init of new modules, data order and dropout")
     shuffle: bool = option(True, "shuffle the data each epoch")
@@ -125,6 +141,15 @@ class Config:
             raise ValueError(f"--min-pixels {self.min_pixels} is larger than --max-pixels {self.max_pixels}")
         if self.video_fps <= 0 or self.video_max_pixels < self.min_pixels:
             raise ValueError("--video-fps must be positive and --video-max-pixels at least --min-pixels")
+        if self.eval_every < 0 or self.eval_generate < 0:
+            raise ValueError("--eval-every and --eval-generate must not be negative")
+        if not self.eval_data and (self.eval_every or self.eval_generate or self.save_best):
+            raise ValueError("--eval-every, --eval-generate and --save-best need --eval-data")
+        unknown = set(self.trackers()) - set(TRACKERS)
+        if unknown:
+            raise ValueError(
+                f"--report-to: unknown tracker {', '.join(sorted(unknown))} (known: {', '.join(TRACKERS)})"
+            )
         if self.qlora:
             self.lora = True  # QLoRA is LoRA on a 4-bit base
         if self.fsdp and self.lora:
@@ -149,6 +174,9 @@ class Config:
             max_pixels=self.video_max_pixels,
             total_pixels=self.video_total_pixels,
         )
+
+    def trackers(self) -> list[str]:
+        return [name.strip() for name in self.report_to.split(",") if name.strip()]
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")

@@ -46,20 +46,49 @@ class Answerer:
             self.model = load_model(model_name, precision, "sdpa", device).eval()
         self.device = device
 
-    @torch.inference_mode()
     def answer(self, conversations: list[list[dict]], max_new_tokens: int) -> list[str]:
-        # Left padding: every prompt then ends where generation starts.
-        batch = self.collator.process(conversations, generation_prompt=True, padding_side="left").to(self.device)
-        tokenizer = self.collator.processor.tokenizer
-        output = self.model.generate(
-            **batch,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=self.collator.tokens.im_end,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        new_tokens = output[:, batch["input_ids"].shape[1] :]
-        return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        return greedy_answers(self.model, self.collator, conversations, max_new_tokens)
+
+
+@torch.inference_mode()
+def greedy_answers(model, collator: Collator, conversations: list[list[dict]], max_new_tokens: int) -> list[str]:
+    """The model's greedy answers to conversations that end with a user message, up to <|im_end|>."""
+    # Left padding: every prompt then ends where generation starts.
+    device = next(model.parameters()).device
+    batch = collator.process(conversations, generation_prompt=True, padding_side="left").to(device)
+    tokenizer = collator.processor.tokenizer
+    output = model.generate(
+        **batch,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=collator.tokens.im_end,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    new_tokens = output[:, batch["input_ids"].shape[1] :]
+    return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def score(prediction: str, reference: str) -> dict[str, float]:
+    """How well one answer matches its reference. Exact match is built in; add your own metrics here (each key
+    is averaged over the samples, printed by this tool and logged as eval_KEY by finetune.py --eval-generate)."""
+    return {"exact_match": float(prediction == reference.strip())}
+
+
+def answer_samples(model, collator: Collator, samples: list[Sample], batch_size: int, max_new_tokens: int):
+    """{index, prediction, reference, and score()'s keys when there is a reference} for each sample, and the
+    mean of each score over the samples with a reference."""
+    results = []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        questions, references = zip(*(question_and_reference(s) for s in chunk))
+        predictions = greedy_answers(model, collator, list(questions), max_new_tokens)
+        for sample, prediction, reference in zip(chunk, predictions, references):
+            scores = score(prediction, reference) if reference is not None else {}
+            results.append({"index": sample.index, "prediction": prediction, "reference": reference, **scores})
+    scored = [r for r in results if r["reference"] is not None]
+    keys = score("", "") if scored else {}
+    means = {key: sum(r[key] for r in scored) / len(scored) for key in keys}
+    return results, means
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -102,20 +131,12 @@ def main(argv: list[str] | None = None) -> None:
     except (DataError, MediaError, ModelUnavailable) as e:
         sys.exit(f"error: {e}")
 
-    results = []
-    for start in range(0, len(samples), args.batch_size):
-        chunk = samples[start : start + args.batch_size]
-        questions, references = zip(*(question_and_reference(s) for s in chunk))
-        for sample, prediction, reference in zip(
-            chunk, answerer.answer(list(questions), args.max_new_tokens), references
-        ):
-            results.append({"index": sample.index, "prediction": prediction, "reference": reference})
+    results, means = answer_samples(answerer.model, collator, samples, args.batch_size, args.max_new_tokens)
     if args.out:
         Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in results))
-    scored = [r for r in results if r["reference"] is not None]
-    correct = sum(r["prediction"] == r["reference"].strip() for r in scored)
-    if scored:
-        print(f"exact match: {correct}/{len(scored)} = {correct / len(scored):.1%}")
+    scored = sum(r["reference"] is not None for r in results)
+    for key, mean in means.items():
+        print(f"{key.replace('_', ' ')}: {round(mean * scored)}/{scored} = {mean:.1%}")
 
 
 if __name__ == "__main__":
