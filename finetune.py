@@ -340,6 +340,9 @@ def train(cfg: Config, dist: Dist):
         if metrics:
             metrics.close()
         trackers.close()
+        # The DataLoader's workers ignore SIGTERM (ignore_signals), so the interpreter's exit could not end
+        # them: dropping their iterator here shuts them down, whatever else still holds this frame.
+        del batches
 
     # Save: a transformers checkpoint (fp32 under bf16-mixed: see one_dtype), or with LoRA a peft
     # adapter (plus modules trained in full), that from_pretrained loads as it is.
