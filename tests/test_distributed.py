@@ -72,7 +72,11 @@ MODES = {"full": [], "lora": LORA, "packed": ["--packing"]}
 
 
 @pytest.mark.parametrize(
-    "family, mode", [("qwen2-vl", "lora"), ("qwen2-vl", "packed")] + [(family, "full") for family in FAMILIES]
+    "family, mode",
+    # Qwen2-VL's DDP run in the default tests is the packed one; its full and LoRA runs are slow ones.
+    [pytest.param("qwen2-vl", mode, marks=pytest.mark.slow) for mode in ("full", "lora")]
+    + [("qwen2-vl", "packed")]
+    + [(family, "full") for family in FAMILIES if family != "qwen2-vl"],
 )
 def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, family_model, family, mode):
     tiny_model, mode = family_model(family), MODES[mode]
@@ -84,6 +88,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, family_mod
     assert run.stdout.count("saved the fine-tuned model") == 1  # rank 0 alone saves and prints
 
 
+@pytest.mark.slow
 def test_uneven_sample_counts_and_qlora_finish(tmp_path, tiny_model):
     data = dataset(tmp_path, n=5)  # 3 samples on rank 0, 2 (padded to 3 by the sampler) on rank 1
     run = torchrun(*flags(tiny_model, data, tmp_path / "out", "--batch-size", "2", "--qlora", "--max-steps", "3"))
@@ -92,7 +97,7 @@ def test_uneven_sample_counts_and_qlora_finish(tmp_path, tiny_model):
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 
-@pytest.mark.parametrize("family", ["qwen2-vl", "qwen3-vl"])
+@pytest.mark.parametrize("family", ["qwen2-vl", pytest.param("qwen3-vl", marks=pytest.mark.slow)])
 def test_fsdp_equals_one_process_and_saves_a_transformers_checkpoint(tmp_path, family_model, family):
     tiny_model = family_model(family)
     data = dataset(tmp_path)
@@ -102,10 +107,13 @@ def test_fsdp_equals_one_process_and_saves_a_transformers_checkpoint(tmp_path, f
     assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
     sharded = AutoModelForImageTextToText.from_pretrained(tmp_path / "fsdp", dtype=torch.float32)
     reference = AutoModelForImageTextToText.from_pretrained(tmp_path / "one", dtype=torch.float32)
+    # AdamW divides each gradient by its running RMS, so where a gradient is near 0 the different order of
+    # FSDP's reductions can move a weight by a fraction of the lr (1e-3) per step: a tenth of it is allowed.
     for (name, a), b in zip(sharded.state_dict().items(), reference.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5, msg=name)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4, msg=name)
 
 
+@pytest.mark.slow
 def test_two_nodes_on_loopback(tmp_path, tiny_model):
     data = dataset(tmp_path)
     single_process(tiny_model, data, tmp_path / "one", "--batch-size", "2", "--grad-accum", "1")
