@@ -38,6 +38,7 @@ def test_every_size_the_builder_offers_is_checked_above():
     assert set(PUBLISHED) == {(family, size) for family, recipe in FAMILIES.items() for size in recipe.sizes}
 
 
+@pytest.mark.slow
 def test_throughput_benchmark_trains_on_samples_of_the_asked_length(tmp_path):
     command = [sys.executable, str(REPO / "bench" / "train_throughput.py"), "--size", "tiny", "--mode", "lora"]
     command += ["--tokens", "200", "--image-tokens", "16", "--steps", "3", "--warmup", "1", "--work-dir", str(tmp_path)]

@@ -105,7 +105,14 @@ def reference(tiny_model, tmp_path_factory):
     return data, losses
 
 
-@pytest.mark.parametrize("mode, stop", [("full", signal.SIGTERM), ("lora", signal.SIGINT), ("packed", signal.SIGTERM)])
+@pytest.mark.parametrize(
+    "mode, stop",
+    [
+        ("full", signal.SIGTERM),
+        pytest.param("lora", signal.SIGINT, marks=pytest.mark.slow),  # in-process below, for every family
+        pytest.param("packed", signal.SIGTERM, marks=pytest.mark.slow),
+    ],
+)
 def test_a_signal_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_model, reference, mode, stop):
     data, losses = reference
     args = flags(tiny_model, data, tmp_path / "out", *MODES[mode])
@@ -157,7 +164,7 @@ def test_every_family_resumes_as_if_never_interrupted(tmp_path, family_model, fa
     assert [r["loss"] for r in rows(tmp_path / "out")] == [r["loss"] for r in rows(tmp_path / "reference")]
 
 
-@pytest.mark.parametrize("mode", ["full", "lora"])
+@pytest.mark.parametrize("mode", ["full", pytest.param("lora", marks=pytest.mark.slow)])
 def test_kill_9_between_checkpoints_loses_only_the_steps_since_the_last(tmp_path, tiny_model, reference, mode):
     data, losses = reference
     args = flags(tiny_model, data, tmp_path / "out", *MODES[mode])
@@ -330,7 +337,7 @@ def test_resuming_with_other_settings_refuses_or_says_what_changes(tmp_path, tin
     assert [r["step"] for r in rows(tmp_path / "out")] == list(range(1, 7))
 
 
-@pytest.mark.parametrize("mode", ["full", "lora"])
+@pytest.mark.parametrize("mode", ["full", pytest.param("lora", marks=pytest.mark.slow)])
 def test_ddp_kill_9_then_resume_equals_an_uninterrupted_ddp_run(tmp_path, tiny_model, reference, mode):
     data, _ = reference
     extra = ["--batch-size", "1", *(LORA if mode == "lora" else [])]

@@ -123,7 +123,9 @@ def test_save_best_keeps_the_checkpoint_of_the_lowest_eval_loss(tmp_path, tiny_m
     assert f"lowest eval loss {best['eval_loss']:.4f} at step {best['step']}" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("sharding", [[], ["--fsdp", "--eval-generate", "2"]], ids=["ddp", "fsdp"])
+@pytest.mark.parametrize(
+    "sharding", [[], pytest.param(["--fsdp", "--eval-generate", "2"], marks=pytest.mark.slow)], ids=["ddp", "fsdp"]
+)
 def test_eval_under_two_processes_equals_one(tmp_path, tiny_model, sharding):
     train = eval_data(tmp_path / "train", n=4)  # one global batch of 4 per step
     held_out = eval_data(tmp_path / "eval", n=5)  # 3 batches of 2: rank 1 runs an empty one beside its own
