@@ -38,10 +38,13 @@ from qwen_ft.checkpoint import (
 )
 from qwen_ft.collate import IGNORE_INDEX, Collator
 from qwen_ft.config import Config, ConfigError, parse_config
-from qwen_ft.data import BadSample, DataError, check_media, read_samples
+from qwen_ft.data import BadSample, DataError, describe, mix, read_samples
+from qwen_ft.data_index import index_folder, index_settings, load_index, save_index
 from qwen_ft.dist import Dist, single_device
 from qwen_ft.generate import answer_samples
+from qwen_ft.lengths import fit, measure
 from qwen_ft.lora import add_lora, quantization_config
+from qwen_ft.media_check import check_media
 from qwen_ft.model import (
     ModelUnavailable,
     cast_trainable,
@@ -53,6 +56,7 @@ from qwen_ft.model import (
 from qwen_ft.optim import make_optimizer, make_scheduler
 from qwen_ft.packing import real_tokens, rope_index_of
 from qwen_ft.report import run_summary, write_report
+from qwen_ft.samples import Samples
 from qwen_ft.stop import RunStopped, StopSignal, ignore_signals, out_of_memory
 from qwen_ft.trackers import open_trackers
 
@@ -168,14 +172,24 @@ def micro_batches(samples, plan: BatchPlan, collator: Collator, cfg: Config, sta
     )
 
 
-def checked_samples(path: str, cfg: Config, collator: Collator, dist: Dist) -> list:
-    """A data file's samples, each checked (structure, media, length); the first problems stop the run."""
-    samples = read_samples(path, cfg.media_root, collator.tokens.all_strings)
-    check_media(samples, cfg.video(), collator.video_factor, dist=dist)  # each process checks a share
-    samples = collator.drop_overlong(samples, quiet=not dist.is_main)
+def checked_samples(spec: str, cfg: Config, collator: Collator, dist: Dist) -> Samples:
+    """The samples of --data (or --eval-data), checked (structure, media, length) and mixed by their sources'
+    weights; the first problems stop the run. What the data index holds for a source is not checked again."""
+    samples = read_samples(spec, special_tokens=collator.tokens.all_strings, **cfg.reading())
+    for line in describe(samples):
+        dist.print(line)
+    index, settings = index_folder(cfg.output_dir), index_settings(cfg, collator)
+    unknown = sorted(set().union(*dist.all_gather_objects(load_index(index, samples, settings))))
+    full = cfg.check_media == "full"
+    # Each process checks and measures a share of what the index doesn't hold, and they exchange what they found.
+    check_media(samples.of_sources(unknown), cfg.video(), collator.video_factor, full, dist=dist)
+    measure(collator, samples.of_sources(unknown), dist)
+    if dist.is_main and unknown:
+        save_index(index, samples, settings, unknown)
+    samples = fit(samples, cfg.max_length, quiet=not dist.is_main)
     if not samples:
-        raise DataError(f"{path}: no sample fits in --max-length {cfg.max_length}")
-    return samples
+        raise DataError(f"{spec}: no sample fits in --max-length {cfg.max_length}")
+    return mix(samples, cfg.seed)
 
 
 def train(cfg: Config, dist: Dist):
@@ -229,7 +243,7 @@ def train(cfg: Config, dist: Dist):
     # Optimizer and schedule; the plan deals the micro-batches to the ranks (all of them, with one).
     part_lr = {"vision": cfg.vision_lr, "merger": cfg.merger_lr}
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, dist.device, part_lr)
-    lengths = tuple(sample.length for sample in samples)
+    lengths = tuple(samples.lengths.tolist())
     plan = BatchPlan(
         lengths, cfg.batch_size, cfg.max_tokens, cfg.packing, cfg.shuffle, cfg.seed, dist.rank, dist.world_size
     )

@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # qwen_ft from this checkout, installed or not
 from qwen_ft.collate import Collator  # noqa: E402
 from qwen_ft.data import read_samples  # noqa: E402
+from qwen_ft.lengths import token_ids  # noqa: E402
 from qwen_ft.model import load_processor  # noqa: E402
 from qwen_ft.tiny import build  # noqa: E402
 
@@ -45,14 +46,14 @@ def write_samples(folder: Path, processor, lengths: list[int]) -> Path:
 
     probe = folder / "probe.json"
     probe.write_text(json.dumps([sample("")]))
-    base = len(collator.token_ids(read_samples(str(probe))[0]))
+    base = len(token_ids(collator, read_samples(str(probe))[0]))
     if base > min(lengths):
         raise SystemExit(f"--shortest must be at least {base} tokens, the length of a sample with no filler")
     # "~" is in no merge of the tiny tokenizer, so n of them are n tokens (checked below).
     samples = [sample("~" * (length - base)) for length in lengths]
     data = folder / "data.json"
     data.write_text(json.dumps(samples))
-    measured = [len(collator.token_ids(s)) for s in read_samples(str(data))]
+    measured = [len(token_ids(collator, s)) for s in read_samples(str(data))]
     if measured != lengths:
         raise SystemExit("the samples did not come out at the asked lengths: this tokenizer merges '~'")
     return data

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DistributedSampler
 
-from qwen_ft.data import Sample, raise_if_any
+from qwen_ft.data import raise_if_any
+from qwen_ft.samples import Samples
 
 # Samples are sorted by length within windows of this many micro-batches: neighbours in a window
 # have similar lengths (little padding), while the order stays random across windows.
@@ -71,13 +72,13 @@ class BatchPlan:
         return sum(len(self.epoch(epoch)) for epoch in range(epochs))
 
 
-def check_token_budget(samples: list[Sample], max_tokens: int) -> None:
+def check_token_budget(samples: Samples, max_tokens: int) -> None:
     """DataError naming every sample that would not fit in a micro-batch of max_tokens on its own."""
     raise_if_any(
         [
-            f"{sample.where}: {sample.length} tokens, more than --max-tokens {max_tokens}; raise --max-tokens "
+            f"{samples.where(position)}: {length} tokens, more than --max-tokens {max_tokens}; raise --max-tokens "
             "(or lower --max-length or --max-pixels)"
-            for sample in samples
-            if sample.length > max_tokens
+            for position, length in zip(samples.order.tolist(), samples.lengths.tolist())
+            if length > max_tokens
         ]
     )

@@ -240,7 +240,7 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, dist: Dist) -> di
 # change how long the run goes and what it writes, not the steps it takes.
 MAY_CHANGE = {
     "output_dir", "resume", "max_steps", "epochs", "save_every", "keep_last", "num_workers",
-    "max_bad_steps", "skip_bad_samples", "media_root",
+    "max_bad_steps", "skip_bad_samples", "media_root", "check_media",
     "eval_data", "eval_every", "eval_generate", "save_best", "report_to",
 }  # fmt: skip
 

@@ -3,7 +3,6 @@
 The collator runs in DataLoader workers, so it loads media and tokenizes but never touches a device.
 """
 
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -11,10 +10,10 @@ from PIL import Image
 from transformers.video_utils import VideoMetadata
 
 from qwen_ft.config import ConfigError
-from qwen_ft.data import Sample
 from qwen_ft.media import MediaError, load_image
 from qwen_ft.packing import pack
-from qwen_ft.video import VideoError, VideoPlan, VideoSettings, clip_metadata, load_video
+from qwen_ft.samples import Sample
+from qwen_ft.video import VideoError, VideoSettings, load_video
 
 IGNORE_INDEX = -100  # label of positions that don't count in the loss (cross_entropy's ignore_index)
 # Per-token tensors of a processor batch; the rest (pixel_values, *_grid_thw) are per image or video.
@@ -60,18 +59,23 @@ def assistant_labels(ids: list[int], tokens: SpecialTokens) -> list[int]:
     labels = [IGNORE_INDEX] * len(ids)
     header = list(tokens.assistant_header)
     i = 0
-    while i < len(ids):
+    while (i := index_of(ids, header[0], i)) < len(ids):
         if ids[i : i + len(header)] != header:
             i += 1
             continue
         start = i + len(header) + 1  # skip the newline that ends the header
-        end = start
-        while end < len(ids) and ids[end] != tokens.im_end:
-            end += 1
-        end = min(end + 1, len(ids))  # include <|im_end|>: the model must learn to stop
+        end = min(index_of(ids, tokens.im_end, start) + 1, len(ids))  # with <|im_end|>: the model must learn to stop
         labels[start:end] = ids[start:end]
         i = end
     return labels
+
+
+def index_of(ids: list[int], token: int, start: int) -> int:
+    """The first position of token at or after start, or len(ids)."""
+    try:
+        return ids.index(token, start)
+    except ValueError:
+        return len(ids)
 
 
 class Collator:
@@ -198,65 +202,5 @@ class Collator:
         batch = {k: torch.cat([v, columns[k].to(v.dtype)], dim=1) if k in columns else v for k, v in batch.items()}
         return {**batch, "pixel_values": image["pixel_values"], "image_grid_thw": image["image_grid_thw"]}
 
-    def image_tokens(self, height: int, width: int) -> int:
-        """Placeholder tokens the processor gives an image of this size (after Qwen's smart resize)."""
-        image_processor = self.processor.image_processor
-        return image_processor.get_number_of_image_patches(height, width) // image_processor.merge_size**2
-
     def load_video(self, part: dict) -> tuple[torch.Tensor, VideoMetadata]:
         return load_video(part["video"], self.video.for_part(part), self.video_factor)
-
-    def video_token_ids(self, plan: VideoPlan) -> list[int]:
-        """What the processor puts in place of a video's <|video_pad|>, from its plan alone: a placeholder per
-        temporal patch and merged 2D patch, and for Qwen3-VL each frame's time ("<0.2 seconds>") in text.
-        The processor's own replacement is tokenized, so the count follows the processor, whatever it writes."""
-        video_processor = self.processor.video_processor
-        patch, temporal_patch = video_processor.patch_size, video_processor.temporal_patch_size
-        grid = torch.tensor([[plan.frames // temporal_patch, plan.height // patch, plan.width // patch]])
-        inputs = {"video_grid_thw": grid, "video_metadata": [clip_metadata(plan.times, plan.sample_fps)]}
-        text = self.processor.replace_video_token(inputs, 0)
-        return self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def token_ids(self, sample: Sample) -> list[int]:
-        """The input_ids the processor will produce for this sample, from its media's sizes alone."""
-        ids = self.processor.tokenizer(self.text(sample), add_special_tokens=False)["input_ids"]
-        images = iter(sample.image_sizes)
-        videos = iter(sample.video_plans)
-        expanded = []
-        for token in ids:
-            if token == self.tokens.image_pad:
-                expanded.extend([token] * self.image_tokens(*next(images)))
-            elif token == self.tokens.video_pad:
-                expanded.extend(self.video_token_ids(next(videos)))
-            else:
-                expanded.append(token)
-        return expanded
-
-    def drop_overlong(self, samples: list[Sample], quiet: bool = False) -> list[Sample]:
-        """Samples that fit in max_length, cutting only text after the last image; warns about the rest
-        (unless quiet: in every process but the first of a distributed run)."""
-        kept, skipped, cut = [], [], 0
-        for sample in samples:
-            ids = self.token_ids(sample)
-            sample.length = min(len(ids), self.max_length)
-            if len(ids) > self.max_length:
-                vision_end = max((i + 1 for i, t in enumerate(ids) if t == self.tokens.vision_end), default=0)
-                trained = any(label != IGNORE_INDEX for label in assistant_labels(ids[: self.max_length], self.tokens))
-                if vision_end > self.max_length or not trained:
-                    skipped.append(sample)
-                    continue
-                cut += 1
-            kept.append(sample)
-        if skipped and not quiet:
-            print(
-                f"warning: skipped {len(skipped)} of {len(samples)} samples longer than --max-length "
-                f"{self.max_length} whose images or answers would be cut (first: {skipped[0].where}); "
-                "raise --max-length or lower --max-pixels to keep them",
-                file=sys.stderr,
-            )
-        if cut and not quiet:
-            print(
-                f"warning: cut the text after the last image of {cut} samples to --max-length {self.max_length}",
-                file=sys.stderr,
-            )
-        return kept

@@ -7,6 +7,9 @@ import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qwen_ft.data import DataError, parse_columns
+from qwen_ft.formats import FORMATS
+from qwen_ft.media_check import CHECKS
 from qwen_ft.trackers import TRACKERS
 from qwen_ft.video import VideoSettings
 
@@ -26,7 +29,20 @@ def option(default, help: str, **argparse_kwargs):
 class Config:
     # Model and data
     model: str = option("Qwen/Qwen2-VL-2B-Instruct", "hub name or local directory of a model of a supported family")
-    data: str = option("train_data/data.json", 'training data: a JSON list or JSONL file of {"messages": [...]}')
+    data: str = option(
+        "train_data/data.json",
+        "training data: a JSON list or JSONL file, or a dataset folder or parquet file (several: a.json,b.parquet; "
+        "weighted: a.json:2,b.jsonl:0.5)",
+    )
+    data_format: str = option(
+        "auto", "format of the data files; auto: detected per file from its samples", choices=("auto", *FORMATS)
+    )
+    columns: str = option(
+        "", "comma list KEY=COLUMN naming a dataset's columns (or a file's keys) by what they hold: question=query"
+    )
+    check_media: str = option(
+        "header", "before training, read each image's header (size, orientation), or decode it in full", choices=CHECKS
+    )
     media_root: str = option(
         ".", "folder that relative media paths are looked up in when not found beside the data file"
     )
@@ -141,6 +157,10 @@ class Config:
             raise ValueError(f"--min-pixels {self.min_pixels} is larger than --max-pixels {self.max_pixels}")
         if self.video_fps <= 0 or self.video_max_pixels < self.min_pixels:
             raise ValueError("--video-fps must be positive and --video-max-pixels at least --min-pixels")
+        try:
+            parse_columns(self.columns)
+        except DataError as e:
+            raise ValueError(str(e)) from None
         if self.eval_every < 0 or self.eval_generate < 0:
             raise ValueError("--eval-every and --eval-generate must not be negative")
         if not self.eval_data and (self.eval_every or self.eval_generate or self.save_best):
@@ -174,6 +194,11 @@ class Config:
             max_pixels=self.video_max_pixels,
             total_pixels=self.video_total_pixels,
         )
+
+    def reading(self) -> dict:
+        """read_samples' keywords for this run's data and eval data."""
+        data_format = None if self.data_format == "auto" else self.data_format
+        return {"media_root": self.media_root, "data_format": data_format, "columns": parse_columns(self.columns)}
 
     def trackers(self) -> list[str]:
         return [name.strip() for name in self.report_to.split(",") if name.strip()]

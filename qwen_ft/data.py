@@ -1,32 +1,35 @@
-"""Reading and checking a messages-format dataset before any training step.
+"""Reading and checking the training data before any training step.
 
-A data file is a JSON list, or a JSONL file, of samples like
+--data names one source or several, `a.json,b.parquet`, each optionally weighted, `a.json:2,b.jsonl:0.5`
+(a's samples twice, half of b's: see mix). A source is a JSON list or JSONL file, or a Hugging Face
+dataset on disk (hf_datasets.py), in any format of formats.py; every sample becomes the messages form
     {"messages": [{"role": "system" | "user" | "assistant",
                    "content": "text" | [{"type": "image", "image": PATH_OR_URL},
                                         {"type": "video", "video": FILE_OR_FOLDER, "fps": 2.0, ...},
                                         {"type": "text", "text": "..."}, ...]}, ...]}
-Every sample is checked up front: a problem becomes a DataError whose message names the
-file, the sample index (and line, for JSONL) and what is wrong.
+and is checked: a problem becomes a DataError whose message names the file, the sample index (and
+line, for JSONL) and what is wrong. The media are checked afterwards, by media_check.py.
 """
 
 import json
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+import math
 from pathlib import Path
 
-from qwen_ft.media import MediaError, is_url, load_image, resolve, shorten
-from qwen_ft.video import VideoPlan, VideoSettings, plan_video
+import numpy as np
+
+from qwen_ft import hf_datasets
+from qwen_ft.formats import CONTENT_KEYS, FORMATS, formats_of, to_messages
+from qwen_ft.media import MediaError, is_url, resolve, shorten
+from qwen_ft.samples import SampleBuilder, Samples, Source
 
 ROLES = ("system", "user", "assistant")
 MEDIA_TYPES = ("image", "video")
 # Keys a media part may use for its reference: Qwen's own ("image") and transformers' ("url", "path").
 MEDIA_KEYS = ("url", "path")
-# Keys read from a sample and from a message. Any other key is an error rather than ignored: an
-# "images" list or a "loss" flag that is silently dropped trains something other than what was meant.
-# A sample's "id" only names it.
-SAMPLE_KEYS = ("messages", "id")
+# Keys read from a message. Any other key is an error rather than ignored: a "loss" flag that is
+# silently dropped trains something other than what was meant.
 MESSAGE_KEYS = ("role", "content")
-# Other formats' stand-ins for media in text; this reader has nothing to put in their place.
+# Other formats' stand-ins for media in text: read as such in those formats, a mistake in this one.
 PLACEHOLDERS = ("<image>", "<video>")
 MAX_ERRORS_SHOWN = 10
 
@@ -39,71 +42,106 @@ class BadSample(DataError):
     """A sample whose media passed the checks but failed to load during training."""
 
 
-@dataclass
-class Sample:
-    """One conversation with its content normalised to lists of parts and media references resolved."""
-
-    source: str
-    index: int
-    line: int | None
-    messages: list[dict]
-    image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (height, width), filled by check_media
-    video_plans: list[VideoPlan] = field(default_factory=list)  # frames, size and times as input
-    length: int = 0  # tokens as model input, filled by Collator.drop_overlong
-
-    @property
-    def where(self) -> str:
-        return f"{self.source}: sample {self.index}" + (f" (line {self.line})" if self.line else "")
-
-    def parts(self, kind: str) -> list[dict]:
-        return [part for message in self.messages for part in message["content"] if part["type"] == kind]
-
-    def media(self, kind: str = "image") -> list:
-        """The resolved references of the sample's images (or videos), in order."""
-        return [part[kind] for part in self.parts(kind)]
+def parse_sources(spec: str) -> list[tuple[str, float]]:
+    """'a.json,b.parquet:0.5' as [("a.json", 1.0), ("b.parquet", 0.5)]."""
+    sources = []
+    for item in spec.split(","):
+        path, _, weight = item.strip().rpartition(":")
+        try:
+            weight = float(weight) if path else None
+        except ValueError:  # a colon that is part of the path
+            weight = None
+        if weight is None:
+            path, weight = item.strip(), 1.0
+        if not path or not math.isfinite(weight) or weight <= 0:
+            raise DataError(f"{spec}: '{item}' is not a data file with an optional weight above 0 (FILE or FILE:2)")
+        sources.append((path, weight))
+    return sources
 
 
-def is_jsonl(path: Path, text: str) -> bool:
+def parse_columns(spec: str) -> dict[str, str]:
+    """--columns 'question=query,answer=label' as {"query": "question", "label": "answer"}: source column to key."""
+    renames = {}
+    for item in filter(None, (i.strip() for i in spec.split(","))):
+        key, _, column = item.partition("=")
+        if key not in CONTENT_KEYS | {"id"} or not column:
+            known = ", ".join(sorted(CONTENT_KEYS | {"id"}))
+            raise DataError(f"--columns: '{item}' is not KEY=COLUMN with KEY one of {known}")
+        renames[column] = key
+    return renames
+
+
+def is_jsonl(path: Path, first_line: str) -> bool:
     """A .jsonl file, or a .json one holding one object per line (a common mix-up)."""
     if path.suffix == ".jsonl":
         return True
-    first_line = text.lstrip().split("\n", 1)[0]
     try:
         return isinstance(json.loads(first_line), dict)
     except json.JSONDecodeError:
         return False
 
 
-def read_records(path: Path) -> list[tuple[int | None, object]]:
-    """(line number or None, parsed record) for each sample of a JSON list or JSONL file."""
+def read_records(path: Path):
+    """(line number or None, parsed record) for each sample of a JSON list or JSONL file, or a dataset's row.
+    A JSONL file is read a line at a time, so a large one is never in memory as a whole."""
+    if not path.exists():
+        raise DataError(f"{path}: data file not found")
+    if hf_datasets.is_dataset(path):
+        try:
+            yield from ((None, record) for _, record in hf_datasets.records(path))
+        except hf_datasets.DatasetError as e:
+            raise DataError(str(e)) from None
+        return
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: data file not found") from None
+        with path.open(encoding="utf-8") as file:
+            first_line = file.readline()
+            while first_line and not first_line.strip():
+                first_line = file.readline()
+            if is_jsonl(path, first_line):
+                file.seek(0)
+                samples = 0
+                for number, line in enumerate(file, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise DataError(
+                            f"{path}: sample {samples} (line {number}): malformed JSON: {e.msg} at column {e.colno}"
+                        ) from None
+                    samples += 1
+                    yield number, record
+                return
+            file.seek(0)
+            text = file.read()
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read data file: {e}") from None
-    if is_jsonl(path, text):
-        records = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append((number, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise DataError(
-                    f"{path}: sample {len(records)} (line {number}): malformed JSON: {e.msg} at column {e.colno}"
-                ) from None
-        return records
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: malformed JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    del text
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of samples (or a .jsonl file), got a {type(data).__name__}")
-    return [(None, record) for record in data]
+    for i in range(len(data)):
+        record, data[i] = data[i], None  # each record freed once read
+        yield None, record
 
 
-def normalise_part(part, media_dirs: tuple[Path, Path], special_tokens: tuple[str, ...]) -> dict:
+def resolver(data_dir: Path, media_root: Path):
+    """resolve() for one source, remembering each reference's answer: a file used by many samples is
+    looked up once."""
+    found = {}
+
+    def resolve_once(ref: str) -> str:
+        if ref not in found:
+            found[ref] = resolve(ref, data_dir, media_root)
+        return found[ref]
+
+    return resolve_once
+
+
+def normalise_part(part, resolve_ref, special_tokens: tuple[str, ...]) -> dict:
     """A content part as {"type": "text", "text": ...} or {"type": "image", "image": resolved path or URL}."""
     if isinstance(part, str):
         part = {"type": "text", "text": part}
@@ -122,7 +160,8 @@ def normalise_part(part, media_dirs: tuple[Path, Path], special_tokens: tuple[st
                 kind = placeholder.strip("<>")
                 raise ValueError(
                     f"text contains the placeholder {placeholder}, which would train as plain text: put the "
-                    f'{kind} where it stands as a part {{"type": "{kind}", "{kind}": PATH}}'
+                    f'{kind} where it stands as a part {{"type": "{kind}", "{kind}": PATH}}, or give the '
+                    f"sample an '{kind}s' list (LLaMA-Factory's format)"
                 )
         return {"type": "text", "text": text}
     if kind in MEDIA_TYPES:
@@ -131,28 +170,29 @@ def normalise_part(part, media_dirs: tuple[Path, Path], special_tokens: tuple[st
             raise ValueError("an image part has no 'image' path or URL")
         if kind == "video" and not (isinstance(ref, str) or (isinstance(ref, list) and ref)):
             raise ValueError("a video part has no 'video' file, folder or list of frame images")
-        if kind == "video" and any(is_url(r) for r in (ref if isinstance(ref, list) else [ref])):
-            raise ValueError(f"video '{shorten(str(ref))}' is a URL; videos must be local files or frame images")
+        refs = ref if isinstance(ref, list) else [ref]
+        if kind == "video" and any(is_url(r) or r.startswith(hf_datasets.PREFIX) for r in refs):
+            raise ValueError(f"video '{shorten(str(ref))}' is not a local file; videos must be files or frame images")
         try:
-            resolved = [resolve(r, *media_dirs) for r in ref] if isinstance(ref, list) else resolve(ref, *media_dirs)
+            resolved = [resolve_ref(r) for r in ref] if isinstance(ref, list) else resolve_ref(ref)
         except MediaError as e:
             raise ValueError(f"{kind} {e}") from None
         return {**part, "type": kind, kind: resolved}
     raise ValueError(f"unknown content type {part.get('type')!r} (expected text or {' or '.join(MEDIA_TYPES)})")
 
 
-def check_sample(
-    record, media_dirs: tuple[Path, Path], special_tokens: tuple[str, ...], require_answer: bool = True
-) -> list[dict]:
-    """The sample's messages, normalised; ValueError saying what is wrong otherwise."""
-    if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
-        raise ValueError('expected an object with a "messages" list')
-    unread_keys(record, SAMPLE_KEYS, "the sample")
+def check_sample(record: dict, resolve_ref, special_tokens: tuple[str, ...], require_answer: bool = True) -> list[dict]:
+    """The messages of a sample in the messages form, normalised; ValueError saying what is wrong otherwise."""
     messages = []
     for number, message in enumerate(record["messages"]):
         if not isinstance(message, dict):
             raise ValueError(f"message {number} is not an object")
-        unread_keys(message, MESSAGE_KEYS, f"message {number}")
+        unknown = [key for key in message if key not in MESSAGE_KEYS]
+        if unknown:
+            raise ValueError(
+                f"message {number} has the key {unknown[0]!r}, which is not read (only {', '.join(MESSAGE_KEYS)}): "
+                'images and videos go inside the content as parts like {"type": "image", "image": PATH}'
+            )
         role = message.get("role")
         if role not in ROLES:
             raise ValueError(f"message {number} has unknown role {role!r} (expected one of {', '.join(ROLES)})")
@@ -164,7 +204,7 @@ def check_sample(
         if not isinstance(content, list):
             raise ValueError(f"message {number} has no 'content' string or list")
         try:
-            parts = [normalise_part(part, media_dirs, special_tokens) for part in content]
+            parts = [normalise_part(part, resolve_ref, special_tokens) for part in content]
         except ValueError as e:
             raise ValueError(f"message {number}: {e}") from None
         if role != "user" and any(part["type"] != "text" for part in parts):
@@ -177,72 +217,82 @@ def check_sample(
     return messages
 
 
-def unread_keys(record: dict, known: tuple[str, ...], what: str) -> None:
-    """ValueError naming the first key of record that this reader would ignore."""
-    unknown = [key for key in record if key not in known]
-    if unknown:
-        raise ValueError(
-            f"{what} has the key {unknown[0]!r}, which is not read (only {', '.join(known)}): images and videos "
-            'go inside the messages as parts like {"type": "image", "image": PATH}; remove other keys'
-        )
-
-
 def read_samples(
-    path: str | Path, media_root: str | Path = ".", special_tokens: tuple[str, ...] = (), require_answer: bool = True
-) -> list[Sample]:
-    """Parse and check every sample's structure, resolving media paths; DataError lists the problems."""
-    path = Path(path)
-    media_dirs = (path.parent, Path(media_root))
-    samples, errors = [], []
-    for index, (line, record) in enumerate(read_records(path)):
-        sample = Sample(source=str(path), index=index, line=line, messages=[])
-        try:
-            sample.messages = check_sample(record, media_dirs, special_tokens, require_answer)
-        except ValueError as e:
-            errors.append(f"{sample.where}: {e}")
-        samples.append(sample)
-    if not samples:
-        raise DataError(f"{path}: no samples")
+    spec: str | Path,
+    media_root: str | Path = ".",
+    special_tokens: tuple[str, ...] = (),
+    require_answer: bool = True,
+    data_format: str | None = None,
+    columns: dict[str, str] | None = None,
+) -> Samples:
+    """Parse and check every sample's structure, resolving media paths; DataError lists the problems.
+
+    spec names the sources (see parse_sources); data_format, one of FORMATS, overrides detection;
+    columns renames a source's keys (parse_columns) before its format is detected."""
+    builder, errors = SampleBuilder(), []
+    for path, weight in parse_sources(str(spec)):
+        path = Path(path)
+        source = Source(str(path), weight)
+        builder.sources.append(source)
+        resolve_ref = resolver(path if path.is_dir() else path.parent, Path(media_root))
+        fitting, unread, count = None, set(), 0  # the formats every sample so far reads the same in
+        for index, (line, record) in enumerate(read_records(path)):
+            where = f"{path}: sample {index}" + (f" (line {line})" if line else "")
+            messages, count = [], count + 1
+            try:
+                if columns and isinstance(record, dict):
+                    record = {columns.get(key, key): value for key, value in record.items()}
+                fits = (data_format,) if data_format else formats_of(record) if isinstance(record, dict) else ()
+                if not fits:
+                    raise ValueError(
+                        'no "messages", "conversations" or "question" to read, so no format fits (formats: '
+                        f"{', '.join(FORMATS)}; --columns maps other names)"
+                    )
+                agreed = [f for f in fitting if f in fits] if fitting is not None else list(fits)
+                if not agreed:
+                    raise ValueError(
+                        f"reads as {fits[0]}, the samples before it as {fitting[0]}: a file holds one format "
+                        "(--data-format reads it as one)"
+                    )
+                fitting = agreed
+                unread |= {key for key in record if key not in CONTENT_KEYS and key != "id"}
+                messages = check_sample(to_messages(record, fits[0]), resolve_ref, special_tokens, require_answer)
+            except ValueError as e:
+                errors.append(f"{where}: {e}")
+            builder.add(index, line, messages)
+        if not count:
+            raise DataError(f"{path}: no samples")
+        source.data_format = data_format or (fitting[0] if fitting else "")
+        source.unread_keys = tuple(sorted(unread))
     raise_if_any(errors)
-    return samples
+    return builder.build()
 
 
-def check_media(
-    samples: list[Sample], video: VideoSettings | None = None, factor: int = 28, threads: int = 8, dist=None
-):
-    """Decode every image once and read every video's metadata and packets, recording the sizes they
-    will have as model input; DataError names each one that can't be read as asked.
+def mix(samples: Samples, seed: int) -> Samples:
+    """The samples, each source's `weight` times: its whole number of copies, then the fraction's share of
+    its samples, drawn by the seed (a weight of 0.5: a fixed half of them)."""
+    if all(source.weight == 1 for source in samples.sources):
+        return samples
+    rng = np.random.default_rng(seed)
+    source_of = samples.table["source"][samples.order]
+    picked = []
+    for number, source in enumerate(samples.sources):
+        mine = np.flatnonzero(source_of == number)
+        copies, share = divmod(source.weight, 1)
+        picked += [mine] * int(copies)
+        picked.append(np.sort(rng.choice(mine, round(share * len(mine)), replace=False)))
+    return samples.select(np.concatenate(picked))
 
-    video holds the defaults for a sample's video parts; factor is the model's patch size times its
-    spatial merge size (the multiple frame sides are resized to). In a distributed run (dist) each
-    process checks every world_size-th sample, and all of them learn every size and every problem.
-    """
-    video = video or VideoSettings()
-    rank, world_size = (dist.rank, dist.world_size) if dist else (0, 1)
 
-    def measure(sample: Sample) -> tuple[list, list, str | None]:
-        """(image sizes, video shapes, problem) of one sample."""
-        try:
-            image_sizes = [load_image(ref).size[::-1] for ref in sample.media("image")]
-        except MediaError as e:
-            return [], [], f"{sample.where}: image {e}"
-        try:
-            video_plans = [plan_video(p["video"], video.for_part(p), factor) for p in sample.parts("video")]
-        except MediaError as e:
-            return [], [], f"{sample.where}: video {e}"
-        except (TypeError, ValueError) as e:  # a per-sample setting of the wrong type or range
-            return [], [], f"{sample.where}: video settings: {e}"
-        return image_sizes, video_plans, None
-
-    with ThreadPoolExecutor(threads) as pool:
-        mine = list(pool.map(measure, samples[rank::world_size]))
-    shares = dist.all_gather_objects(mine) if dist else [mine]
-    errors = []
-    for i, sample in enumerate(samples):
-        sample.image_sizes, sample.video_plans, error = shares[i % world_size][i // world_size]
-        if error:
-            errors.append(error)
-    raise_if_any(errors)
+def describe(samples: Samples) -> list[str]:
+    """A line per source: its samples, its format and the keys no format reads (kept out of training)."""
+    counts = np.bincount(samples.table["source"][samples.order], minlength=len(samples.sources))
+    lines = []
+    for source, count in zip(samples.sources, counts.tolist()):
+        unread = f"; not read: {', '.join(source.unread_keys)}" if source.unread_keys else ""
+        weight = f" (weight {source.weight:g})" if source.weight != 1 else ""
+        lines.append(f"{source.path}: {count} samples{weight}, {source.data_format} format{unread}")
+    return lines
 
 
 def raise_if_any(errors: list[str]) -> None:

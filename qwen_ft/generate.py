@@ -18,10 +18,13 @@ import torch
 
 from qwen_ft.collate import Collator
 from qwen_ft.config import Config
-from qwen_ft.data import DataError, Sample, check_media, read_samples
+from qwen_ft.data import DataError, parse_columns, read_samples
+from qwen_ft.formats import FORMATS
 from qwen_ft.lora import load_with_adapter
 from qwen_ft.media import MediaError, resolve
+from qwen_ft.media_check import check_media
 from qwen_ft.model import ModelUnavailable, has_processor, load_model, load_processor
+from qwen_ft.samples import Sample, Samples
 
 
 def question_and_reference(sample: Sample) -> tuple[list[dict], str | None]:
@@ -74,7 +77,7 @@ def score(prediction: str, reference: str) -> dict[str, float]:
     return {"exact_match": float(prediction == reference.strip())}
 
 
-def answer_samples(model, collator: Collator, samples: list[Sample], batch_size: int, max_new_tokens: int):
+def answer_samples(model, collator: Collator, samples: Samples, batch_size: int, max_new_tokens: int):
     """{index, prediction, reference, and score()'s keys when there is a reference} for each sample, and the
     mean of each score over the samples with a reference."""
     results = []
@@ -105,6 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt", help="the question to ask about the image(s)")
     parser.add_argument("--data", help="answer the last user message of every sample in this data file")
     parser.add_argument("--out", help="with --data: write {index, prediction, reference} JSON lines here")
+    parser.add_argument("--data-format", choices=("auto", *FORMATS), default="auto", help="as finetune.py's")
+    parser.add_argument("--columns", default="", help="as finetune.py's: KEY=COLUMN names of a dataset's columns")
     parser.add_argument("--media-root", default=".", help="folder relative media paths are also looked up in")
     parser.add_argument("--batch-size", type=int, default=16, help="samples generated together with --data")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="longest answer")
@@ -126,7 +131,10 @@ def main(argv: list[str] | None = None) -> None:
             print(answerer.answer([question], args.max_new_tokens)[0])
             return
         collator = answerer.collator
-        samples = read_samples(args.data, args.media_root, collator.tokens.all_strings, require_answer=False)
+        data_format = None if args.data_format == "auto" else args.data_format
+        samples = read_samples(
+            args.data, args.media_root, collator.tokens.all_strings, False, data_format, parse_columns(args.columns)
+        )
         check_media(samples, video, collator.video_factor)
     except (DataError, MediaError, ModelUnavailable) as e:
         sys.exit(f"error: {e}")

@@ -1,7 +1,7 @@
 """Show how each sample is tokenized for training: the text with trained spans marked, and token counts.
 
-It takes the finetune.py flags that shape the data (--model, --data, --max-length, pixels, video
-settings), which apply as in training.
+It takes the finetune.py flags that shape the data (--model, --data and its format, --max-length,
+pixels, video settings), which apply as in training. It names each data file's format first.
 
     python -m qwen_ft.inspect_data --model Qwen/Qwen2-VL-2B-Instruct --data train_data/data.json --limit 5
     python -m qwen_ft.inspect_data --model M --data F --json    # one JSON object per sample per line
@@ -17,8 +17,10 @@ import sys
 
 from qwen_ft.collate import IGNORE_INDEX, Collator
 from qwen_ft.config import Config, build_parser
-from qwen_ft.data import DataError, check_media, read_samples
+from qwen_ft.data import DataError, describe, read_samples
+from qwen_ft.lengths import fit, measure
 from qwen_ft.media import MediaError
+from qwen_ft.media_check import check_media
 from qwen_ft.model import ModelUnavailable, load_processor
 
 
@@ -36,8 +38,8 @@ def render(ids: list[int], labels: list[int], tokenizer, placeholder_ids: set[in
 
 # The finetune.py flags that change how a sample is tokenized; the others have no effect here.
 DATA_FLAGS = (
-    "model", "data", "media_root", "min_pixels", "max_pixels", "video_fps", "video_max_frames",
-    "video_max_pixels", "video_total_pixels", "max_length", "trust_remote_code",
+    "model", "data", "data_format", "columns", "check_media", "media_root", "min_pixels", "max_pixels",
+    "video_fps", "video_max_frames", "video_max_pixels", "video_total_pixels", "max_length", "trust_remote_code",
 )  # fmt: skip
 
 
@@ -54,9 +56,13 @@ def main(argv: list[str] | None = None) -> None:
             cfg.model, cfg.min_pixels, cfg.max_pixels, cfg.video_max_pixels, cfg.trust_remote_code
         )
         collator = Collator(processor, cfg.max_length, cfg.video())
-        samples = read_samples(cfg.data, cfg.media_root, collator.tokens.all_strings)[:limit]
-        check_media(samples, cfg.video(), collator.video_factor)
-        kept = collator.drop_overlong(samples)
+        samples = read_samples(cfg.data, special_tokens=collator.tokens.all_strings, **cfg.reading())
+        for line in describe(samples):
+            print(line, file=sys.stderr if as_json else sys.stdout)
+        samples = samples[:limit]
+        check_media(samples, cfg.video(), collator.video_factor, full=cfg.check_media == "full")
+        measure(collator, samples)
+        kept = fit(samples, cfg.max_length)
     except (DataError, MediaError, ModelUnavailable) as e:
         sys.exit(f"error: {e}")
 

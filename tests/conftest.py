@@ -1,6 +1,13 @@
+import os
+import tempfile
+
 import pytest
 
 from qwen_ft import tiny
+
+# datasets converts each parquet it reads into its cache, as arrow: the tests' conversions go to a temporary
+# folder rather than the user's cache. Set before anything imports datasets, which reads it once.
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="qwen-ft-tests-datasets-"))
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ import random
 from functools import partial
 from pathlib import Path
 
+import pytest
 import torch
 
 import finetune
@@ -72,6 +73,15 @@ def reference_labels(messages, collator) -> list[int]:
             end = full.index(collator.tokens.im_end, start) + 1
             labels[start:end] = full[start:end]
     return labels
+
+
+def run_finetune(tiny_model, data, out: Path, *extra) -> str:
+    """Run finetune.py's main on bad data; returns the error it exits with, checking nothing trained."""
+    with pytest.raises(SystemExit) as exit_info:
+        finetune.main(["--model", tiny_model, "--data", data, "--output-dir", str(out), "--num-workers", "0", *extra])
+    assert exit_info.value.code not in (0, None)
+    assert not (out / "metrics.jsonl").exists()  # stopped before the first training step
+    return str(exit_info.value.code)
 
 
 def collate(collator, samples) -> dict:

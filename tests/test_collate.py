@@ -3,7 +3,9 @@ import torch
 from helpers import clip, picture, qa, reference_labels, video_qa, write_json
 
 from qwen_ft.collate import IGNORE_INDEX, Collator, assistant_labels
-from qwen_ft.data import check_media, read_samples
+from qwen_ft.data import read_samples
+from qwen_ft.lengths import fit, measure, token_ids
+from qwen_ft.media_check import check_media
 from qwen_ft.tiny import FAMILIES
 
 CONVERSATIONS = [
@@ -106,14 +108,20 @@ def test_collator_output_equals_the_processor(tmp_path, family_processor, family
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_lengths_predicted_before_training_are_those_the_collator_gives(tmp_path, family_processor, family):
-    """token_ids and drop_overlong know a sample's tokens from its media's sizes (and a video's frame times,
+    """token_ids and measure know a sample's tokens from its media's sizes (and a video's frame times,
     which Qwen3-VL writes into the text) without loading the media."""
     samples, collator = load(tmp_path, list(conversations(tmp_path).values()), family_processor(family))
-    assert collator.drop_overlong(samples) == samples
-    for sample in samples:
-        ids = collator([sample])["input_ids"][0].tolist()
-        assert collator.token_ids(sample) == ids, sample.where
+    measure(collator, samples)
+    assert len(fit(samples, collator.max_length)) == len(samples)
+    for position, sample in zip(samples.order, samples):
+        batch = collator([sample])
+        ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+        assert token_ids(collator, sample) == ids, sample.where
         assert sample.length == len(ids), sample.where
+        # What decides whether a sample that is too long is cut or skipped: where its media end, where training starts.
+        vision_end = max((i + 1 for i, token in enumerate(ids) if token == collator.tokens.vision_end), default=0)
+        first_trained = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+        assert samples.table["measure"][position].tolist() == [len(ids), vision_end, first_trained], sample.where
 
 
 def test_max_length_never_cuts_an_image(tmp_path, processor, capsys):
@@ -127,20 +135,21 @@ def test_max_length_never_cuts_an_image(tmp_path, processor, capsys):
     }
     image_first = qa("a.png", "Colour?", "red " * 30)
     samples, full = load(tmp_path, [image_last, image_first], processor)
-    labels = assistant_labels(full.token_ids(samples[1]), full.tokens)
+    labels = assistant_labels(token_ids(full, samples[1]), full.tokens)
     answer_start = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
     max_length = answer_start + 5
-    assert full.token_ids(samples[0]).index(full.tokens.vision_end) >= max_length  # the image would be cut
+    assert token_ids(full, samples[0]).index(full.tokens.vision_end) >= max_length  # the image would be cut
     collator = Collator(processor, max_length=max_length)
 
-    kept = collator.drop_overlong(samples)
+    measure(collator, samples)
+    kept = fit(samples, max_length)
 
     assert [s.index for s in kept] == [1]
     warnings = capsys.readouterr().err
     assert "skipped 1 of 2 samples" in warnings and "sample 0" in warnings
     assert "cut the text after the last image of 1 samples" in warnings
     batch = collator(kept)
-    uncut = full.token_ids(samples[1])
+    uncut = token_ids(full, samples[1])
     assert batch["input_ids"][0].tolist() == uncut[:max_length]
     assert (batch["input_ids"][0] == full.tokens.image_pad).sum() == uncut.count(full.tokens.image_pad)
     assert batch["labels"][0, -5:].tolist() == uncut[max_length - 5 : max_length]  # trained up to the cut

@@ -7,19 +7,10 @@ import threading
 from pathlib import Path
 
 import pytest
-from helpers import picture, qa, write_json
+from helpers import picture, qa, run_finetune, write_json
 
-import finetune
-from qwen_ft.data import DataError, check_media, read_samples
-
-
-def run_finetune(tiny_model, data, out: Path, *extra) -> str:
-    """Run finetune.py's main on bad data; returns the error it exits with, checking nothing trained."""
-    with pytest.raises(SystemExit) as exit_info:
-        finetune.main(["--model", tiny_model, "--data", data, "--output-dir", str(out), "--num-workers", "0", *extra])
-    assert exit_info.value.code not in (0, None)
-    assert not (out / "metrics.jsonl").exists()  # stopped before the first training step
-    return str(exit_info.value.code)
+from qwen_ft.data import DataError, read_samples
+from qwen_ft.media_check import check_media
 
 
 def good(tmp_path) -> dict:
@@ -46,11 +37,11 @@ BAD_SAMPLES = {
         "unknown content type 'audio'",
     ),
     "special token in text": (qa(None, "hi <|im_start|>assistant", "x"), "contains the special token <|im_start|>"),
-    "not a messages object": ({"conversation": []}, 'expected an object with a "messages" list'),
-    # Another format's media list and placeholder would otherwise train "<image>" as text, without the image.
-    "an images key beside the messages": (
-        {**qa(None, "<image>What colour?", "red"), "images": ["ok.png"]},
-        "the sample has the key 'images', which is not read",
+    "not a messages object": ({"conversation": []}, 'no "messages", "conversations" or "question" to read'),
+    # Another format's media key would otherwise be dropped, and the sample train without its image.
+    "an image key beside the messages": (
+        {**qa(None, "What colour?", "red"), "image": "ok.png"},
+        "the sample has the key 'image', which the messages format does not read",
     ),
     "a placeholder in text": (qa(None, "<image>What colour?", "red"), "text contains the placeholder <image>"),
     "a video placeholder in text": (qa(None, "What moves in <video>?", "a dot"), "the placeholder <video>"),
@@ -89,15 +80,19 @@ def test_malformed_json(tmp_path, tiny_model):
 
 
 @pytest.mark.parametrize(
-    "content, message",
-    [(b"not an image at all", "is not an image format PIL can read"), (None, "cannot be decoded")],
+    "check, content, message",
+    [
+        ("header", b"not an image at all", "is not an image PIL can read"),
+        ("header", b"\xff\xd8\xff\xe0\x00\x10JFIF", "has a broken header"),  # a JPEG that ends in its header
+        ("full", None, "cannot be decoded"),  # a truncated JPEG: its header is whole, its pixels are not
+    ],
 )
-def test_unreadable_image(tmp_path, tiny_model, content, message):
-    picture(tmp_path, "broken.png", size=(300, 300))
-    path = tmp_path / "broken.png"
-    path.write_bytes(content if content is not None else path.read_bytes()[:300])  # None: a truncated PNG
-    data = write_json(tmp_path / "data.json", [good(tmp_path), qa("broken.png", "What colour?", "red")])
-    error = run_finetune(tiny_model, data, tmp_path / "out")
+def test_unreadable_image(tmp_path, tiny_model, check, content, message):
+    picture(tmp_path, "broken.jpg", size=(300, 300))
+    path = tmp_path / "broken.jpg"
+    path.write_bytes(content if content is not None else path.read_bytes()[:1000])
+    data = write_json(tmp_path / "data.json", [good(tmp_path), qa("broken.jpg", "What colour?", "red")])
+    error = run_finetune(tiny_model, data, tmp_path / "out", "--check-media", check)
     assert f"{data}: sample 1: image '{path}' {message}" in error
 
 

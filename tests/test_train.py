@@ -9,8 +9,9 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 import finetune
 from qwen_ft.collate import IGNORE_INDEX, Collator
 from qwen_ft.config import parse_config
-from qwen_ft.data import check_media, read_samples
+from qwen_ft.data import read_samples
 from qwen_ft.dist import single_device
+from qwen_ft.media_check import check_media
 from qwen_ft.model import cast_trainable, load_model, load_processor
 from qwen_ft.tiny import FAMILIES
 
@@ -211,7 +212,7 @@ def test_gradient_checkpointing_leaves_the_losses_unchanged(tmp_path, tiny_model
 def test_a_blank_image_leaves_the_outputs_of_a_text_only_batch_unchanged(tmp_path, tiny_model, processor):
     """Distributed runs give text-only batches a masked-out blank image; it must change nothing."""
     samples = read_samples(small_dataset(tmp_path))
-    text_only = [s for s in samples if not s.media("image")]
+    text_only = samples.select([i for i, s in enumerate(samples) if not s.media("image")])
     check_media(text_only)
     plain = collate(Collator(processor, 4096), text_only)
     blank = collate(Collator(processor, 4096, blank_image=True), text_only)

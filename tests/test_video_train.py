@@ -10,8 +10,10 @@ import finetune
 from qwen_ft import generate, inspect_data
 from qwen_ft.collate import Collator
 from qwen_ft.config import parse_config
-from qwen_ft.data import check_media, read_samples
+from qwen_ft.data import read_samples
 from qwen_ft.dist import single_device
+from qwen_ft.lengths import token_ids
+from qwen_ft.media_check import check_media
 from qwen_ft.tiny import FAMILIES
 from qwen_ft.video import VideoSettings, frame_times, video_info
 
@@ -45,7 +47,7 @@ def test_a_batch_mixing_images_and_videos(tmp_path, family_processor, family):
     assert batch["video_grid_thw"].tolist() == [[2, 8, 8], [2, 8, 8]]
     for row, sample in enumerate(samples):
         ids = batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist()
-        assert ids == collator.token_ids(sample)  # the length check's count, without decoding
+        assert ids == token_ids(collator, sample)  # the length check's count, without decoding
         labels = batch["labels"][row][: len(ids)].tolist()
         assert labels == reference_labels(sample.messages, collator)
     assert (batch["input_ids"] == collator.tokens.video_pad).sum() == 2 * 2 * 16
