@@ -178,14 +178,13 @@ def checked_samples(spec: str, cfg: Config, collator: Collator, dist: Dist) -> S
     samples = read_samples(spec, special_tokens=collator.tokens.all_strings, **cfg.reading())
     for line in describe(samples):
         dist.print(line)
-    index, settings = index_folder(cfg.output_dir), index_settings(cfg, collator)
-    unknown = sorted(set().union(*dist.all_gather_objects(load_index(index, samples, settings))))
-    full = cfg.check_media == "full"
+    index, settings, full = index_folder(cfg.output_dir), index_settings(cfg, collator), cfg.check_media == "full"
+    unknown = sorted(set().union(*dist.all_gather_objects(load_index(index, samples, settings, full))))
     # Each process checks and measures a share of what the index doesn't hold, and they exchange what they found.
     check_media(samples.of_sources(unknown), cfg.video(), collator.video_factor, full, dist=dist)
     measure(collator, samples.of_sources(unknown), dist)
     if dist.is_main and unknown:
-        save_index(index, samples, settings, unknown)
+        save_index(index, samples, settings, unknown, full)
     samples = fit(samples, cfg.max_length, quiet=not dist.is_main)
     if not samples:
         raise DataError(f"{spec}: no sample fits in --max-length {cfg.max_length}")

@@ -235,37 +235,43 @@ def read_samples(
         source = Source(str(path), weight)
         builder.sources.append(source)
         resolve_ref = resolver(path if path.is_dir() else path.parent, Path(media_root))
-        fitting, unread, count = None, set(), 0  # the formats every sample so far reads the same in
+        agreed, unread, first = None, set(), len(builder)  # agreed: the formats all samples so far read the same in
         for index, (line, record) in enumerate(read_records(path)):
-            where = f"{path}: sample {index}" + (f" (line {line})" if line else "")
-            messages, count = [], count + 1
+            messages = []
             try:
-                if columns and isinstance(record, dict):
-                    record = {columns.get(key, key): value for key, value in record.items()}
-                fits = (data_format,) if data_format else formats_of(record) if isinstance(record, dict) else ()
-                if not fits:
-                    raise ValueError(
-                        'no "messages", "conversations" or "question" to read, so no format fits (formats: '
-                        f"{', '.join(FORMATS)}; --columns maps other names)"
-                    )
-                agreed = [f for f in fitting if f in fits] if fitting is not None else list(fits)
-                if not agreed:
-                    raise ValueError(
-                        f"reads as {fits[0]}, the samples before it as {fitting[0]}: a file holds one format "
-                        "(--data-format reads it as one)"
-                    )
-                fitting = agreed
+                if not isinstance(record, dict):
+                    raise ValueError(f"a sample is a {type(record).__name__}, expected an object")
+                record = {columns.get(key, key): value for key, value in record.items()} if columns else record
+                fits = (data_format,) if data_format else formats_of(record)
+                agreed = agree(agreed, fits)
                 unread |= {key for key in record if key not in CONTENT_KEYS and key != "id"}
                 messages = check_sample(to_messages(record, fits[0]), resolve_ref, special_tokens, require_answer)
             except ValueError as e:
-                errors.append(f"{where}: {e}")
+                errors.append(f"{path}: sample {index}" + (f" (line {line})" if line else "") + f": {e}")
             builder.add(index, line, messages)
-        if not count:
+        if len(builder) == first:
             raise DataError(f"{path}: no samples")
-        source.data_format = data_format or (fitting[0] if fitting else "")
+        source.data_format = data_format or (agreed[0] if agreed else "")
         source.unread_keys = tuple(sorted(unread))
     raise_if_any(errors)
     return builder.build()
+
+
+def agree(agreed: list[str] | None, fits: tuple[str, ...]) -> list[str]:
+    """The formats that both the samples before (agreed; None for the first) and this one (fits) read the same
+    in; ValueError if none, or if this sample fits no format."""
+    if not fits:
+        raise ValueError(
+            f'no "messages", "conversations" or "question" to read, so no format fits (formats: {", ".join(FORMATS)}; '
+            "--columns maps other names)"
+        )
+    both = list(fits) if agreed is None else [f for f in agreed if f in fits]
+    if not both:
+        raise ValueError(
+            f"reads as {fits[0]}, the samples before it as {agreed[0]}: a file holds one format (--data-format "
+            "reads it as one)"
+        )
+    return both
 
 
 def mix(samples: Samples, seed: int) -> Samples:

@@ -5,8 +5,9 @@ the sizes of its images, the plans of its videos and its samples' token counts. 
 run, or a run with another output dir in the same folder, on the same data, reads them instead of
 opening every image and tokenizing every sample again. A file is used only when its key matches:
 the source's path, size and modification time (of every file, for a dataset folder), and each
-setting that changes what was found: the media root, --data-format, --columns, --check-media, the
-video settings and the processor (tokenizer, chat template, image and video processor settings).
+setting that changes what was found: the media root, --data-format, --columns, the pixel and video
+settings and the processor (tokenizer, chat template, image and video processor settings). What a
+--check-media full run found serves any later run; what the header check found, only header checks.
 The media files themselves are not looked at again: an image replaced in place by one of another
 size, under an unchanged data file, keeps its old entry until the data file is touched.
 """
@@ -15,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -64,15 +66,15 @@ def rows_of(samples: Samples, number: int) -> tuple[np.ndarray, np.ndarray]:
     return positions, samples.select(positions, base=True).image_rows()[0]
 
 
-def load_index(folder: Path, samples: Samples, settings: dict) -> list[int]:
+def load_index(folder: Path, samples: Samples, settings: dict, full: bool) -> list[int]:
     """Fill in what the index holds for each source whose key matches; returns the numbers of the sources
-    it holds nothing valid for."""
+    it holds nothing valid for. With full (--check-media full), only what a full check found is valid."""
     missing = []
     for number, source in enumerate(samples.sources):
         positions, rows = rows_of(samples, number)
         try:
             with np.load(file_of(folder, source)) as found:
-                valid = found["key"].tobytes().decode() == key_of(source, settings)
+                valid = found["key"].tobytes().decode() == key_of(source, settings) and (found["full"] or not full)
                 valid = valid and len(found["measure"]) == len(positions) and len(found["image_sizes"]) == len(rows)
                 if valid:
                     samples.table["image_sizes"][rows] = found["image_sizes"]
@@ -89,8 +91,16 @@ def load_index(folder: Path, samples: Samples, settings: dict) -> list[int]:
     return missing
 
 
-def save_index(folder: Path, samples: Samples, settings: dict, sources: list[int]) -> None:
-    """Write the index file of each of these sources (written under a temporary name, then renamed)."""
+def save_index(folder: Path, samples: Samples, settings: dict, sources: list[int], full: bool) -> None:
+    """Write the index file of each of these sources (under a temporary name, then renamed), saying whether a
+    full check found it. The index only saves time: a folder that can't be written is a warning."""
+    try:
+        write_index(folder, samples, settings, sources, full)
+    except OSError as e:
+        print(f"warning: the data index was not saved ({e}); the next start checks the data again", file=sys.stderr)
+
+
+def write_index(folder: Path, samples: Samples, settings: dict, sources: list[int], full: bool) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for number in sources:
         source = samples.sources[number]
@@ -101,6 +111,7 @@ def save_index(folder: Path, samples: Samples, settings: dict, sources: list[int
         np.savez(
             partial,
             key=np.frombuffer(key_of(source, settings).encode(), dtype=np.uint8),
+            full=np.array(full),
             image_sizes=samples.table["image_sizes"][rows],
             measure=samples.table["measure"][positions],
             video_plans=np.frombuffer(json.dumps(plans).encode(), dtype=np.uint8),
@@ -114,7 +125,6 @@ def index_settings(cfg, collator) -> dict:
         "media_root": str(Path(cfg.media_root).resolve()),
         "data_format": cfg.data_format,
         "columns": cfg.columns,
-        "check_media": cfg.check_media,
         "video": dataclasses.asdict(cfg.video()),
         "min_pixels": cfg.min_pixels,
         "max_pixels": cfg.max_pixels,

@@ -75,10 +75,8 @@ def sample_shapes(record: dict) -> tuple[str, ...]:
     return ()
 
 
-def to_messages(record, data_format: str) -> dict:
+def to_messages(record: dict, data_format: str) -> dict:
     """The sample in the messages form: {"messages": [...]} (and its "id"); ValueError says what is wrong."""
-    if not isinstance(record, dict):
-        raise ValueError(f"a sample is a {type(record).__name__}, expected an object")
     for key in record:
         if key in CONTENT_KEYS and key not in FORMAT_KEYS[data_format]:
             raise ValueError(
@@ -108,7 +106,10 @@ def check_counts(places: dict[str, int], media: dict[str, list], what: str, data
     for kind in MEDIA_KINDS:
         if places[kind] != len(media[kind]):
             listed = kind + "s" if data_format in ("sharegpt", "trl") else kind
-            raise ValueError(f"{places[kind]} {what.format(kind=kind)} but {len(media[kind])} {kind}s in '{listed}'")
+            count = f"{len(media[kind])} {kind}" + "s" * (len(media[kind]) != 1)
+            raise ValueError(
+                f"{places[kind]} {what.format(kind=kind, s='s' * (places[kind] != 1))} but {count} in '{listed}'"
+            )
 
 
 def media_list(record: dict, kind: str, data_format: str) -> list:
@@ -137,7 +138,7 @@ def fill_slots(messages, media: dict[str, list]) -> list[dict]:
     contents = [m.get("content") if isinstance(m, dict) else None for m in messages]
     parts = [p for content in contents if isinstance(content, list) for p in content if isinstance(p, dict)]
     places = {kind: sum(p.get("type") == kind for p in parts) for kind in MEDIA_KINDS}
-    check_counts(places, media, "{kind} parts in the messages", "trl")
+    check_counts(places, media, "{kind} part{s} in the messages", "trl")
     filled = []
     for message, content in zip(messages, contents):
         if isinstance(content, list):
@@ -178,7 +179,7 @@ def conversation(turns, key: str, media: dict[str, list], data_format: str) -> l
         return [{**m, "content": split_qwen_vl(m["content"])} for m in messages]
     texts = [m["content"] for m in messages]
     places = {kind: sum(t.count(f"<{kind}>") for t in texts) for kind in MEDIA_KINDS}
-    check_counts(places, media, "<{kind}> placeholders in the text", data_format)
+    check_counts(places, media, "<{kind}> placeholder{s} in the text", data_format)
     return [{**m, "content": split_placeholders(m["content"], media)} for m in messages]
 
 

@@ -153,8 +153,14 @@ def llava(value, image="a.png", answer="red"):
 
 
 BAD_SAMPLES = {
-    "too many placeholders": (llava("<image><image>Colour?"), "2 <image> placeholders in the text but 1 images"),
-    "too few placeholders": (llava("<image>Colour?", ["a.png", "b.png"]), "1 <image> placeholders in the text but 2"),
+    "too many placeholders": (
+        llava("<image><image>Colour?"),
+        "2 <image> placeholders in the text but 1 image in 'image'",
+    ),
+    "too few placeholders": (
+        llava("<image>Colour?", ["a.png", "b.png"]),
+        "1 <image> placeholder in the text but 2 images",
+    ),
     "an unknown speaker": (
         {"conversations": [{"from": "human", "value": "hi"}, {"from": "observation", "value": "{}"}]},
         "message 1 has unknown 'from' 'observation'",
@@ -167,7 +173,7 @@ BAD_SAMPLES = {
     ),
     "more image parts than images": (
         {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "image"}]}], "images": ["a.png"]},
-        "2 image parts in the messages but 1 images in 'images'",
+        "2 image parts in the messages but 1 image in 'images'",
         as_trl(CONVERSATIONS[0]),
     ),
     "a media list of the wrong format": (

@@ -135,3 +135,23 @@ def test_an_index_is_only_used_for_its_own_source(tmp_path, tiny_model, monkeypa
     mixed = start(tiny_model, f"{a},{b}", tmp_path / "out")
     assert opened.count == 1  # b's one image file, once for its two samples
     assert np.all(mixed.lengths > 0) and len(mixed) == 3
+
+
+def test_an_index_that_cant_be_written_is_a_warning(tmp_path, tiny_model, monkeypatch, capsys):
+    picture(tmp_path, "a.png")
+    data = write_json(tmp_path / "data.json", [qa("a.png", "Colour?", "red")])
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setattr(finetune, "index_folder", lambda output_dir: tmp_path / "a-file" / FOLDER)
+    assert len(start(tiny_model, data, tmp_path / "out")) == 1
+    assert "warning: the data index was not saved" in capsys.readouterr().err
+
+
+def test_a_full_check_serves_later_header_checks_and_not_the_other_way(tmp_path, tiny_model, monkeypatch):
+    picture(tmp_path, "a.png")
+    data = write_json(tmp_path / "data.json", [qa("a.png", "Colour?", "red")])
+    start(tiny_model, data, tmp_path / "out")
+    opened = ImagesOpened(monkeypatch)
+    start(tiny_model, data, tmp_path / "out", "--check-media", "full")  # the header check's index won't do
+    assert opened.count == 1
+    start(tiny_model, data, tmp_path / "out")  # the full check's will
+    assert opened.count == 1
