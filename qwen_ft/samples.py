@@ -88,7 +88,7 @@ class SampleBuilder:
             "source": numbers(self.source, np.int32),
             "index": numbers(self.index, np.int64),
             "line": numbers(self.line, np.int64),
-            "blob": np.frombuffer(bytes(self.blob), dtype=np.uint8),
+            "blob": np.frombuffer(self.blob, dtype=np.uint8),  # shares the bytearray's memory: no second copy
             "ends": numbers(self.ends, np.int64),
             "image_ids": numbers(self.image_ids, np.int64),
             "image_ends": numbers(self.image_ends, np.int64),
