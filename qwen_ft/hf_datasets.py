@@ -56,12 +56,18 @@ def open_dataset(path: str):
         raise DatasetError(f"{path}: cannot be read as a {builder} dataset: {e}") from None
 
 
+@lru_cache(maxsize=8)
+def arrow_rows(location: str):
+    """The dataset at location, its rows read as pyarrow tables: no Python objects, images as bytes."""
+    return open_dataset(location).with_format("arrow")
+
+
 def records(path: Path):
     """(row, record) for each row of the dataset; inline images as dataset: references."""
     import pyarrow.compute as pc
 
     location = str(path.resolve())
-    table = open_dataset(location).with_format("arrow")
+    table = arrow_rows(location)
     for start in range(0, len(table), ROWS_PER_READ):
         batch = table[start : start + ROWS_PER_READ]
         columns = {}
@@ -73,7 +79,8 @@ def records(path: Path):
             # Only the cells' paths and whether they hold bytes are read here, not the bytes.
             column = column.combine_chunks()
             sizes = pc.list_value_length(column).fill_null(0).to_pylist() if inline == "list" else None
-            columns[name] = cell_references(column.flatten() if sizes else column, location, name, start, sizes)
+            cells = column.flatten() if inline == "list" else column
+            columns[name] = cell_references(cells, location, name, start, sizes)
         for offset in range(batch.num_rows):
             yield start + offset, {name: values[offset] for name, values in columns.items()}
 
@@ -131,8 +138,7 @@ def cell_bytes(reference: str) -> bytes:
     location, _, query = reference[len(PREFIX) :].rpartition("?")
     where = dict(urllib.parse.parse_qsl(query))
     try:
-        table = open_dataset(location).with_format("arrow")
-        cell = table[int(where["row"]) : int(where["row"]) + 1].column(where["column"])[0]
+        cell = arrow_rows(location)[int(where["row"]) : int(where["row"]) + 1].column(where["column"])[0]
         if "item" in where:
             cell = cell.values[int(where["item"])]
         value = cell["bytes"] if hasattr(cell, "keys") else cell
