@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import finetune
-from qwen_ft import example_data
+from qwen_ft import example_data, inspect_data
 from qwen_ft.dist import single_device
 
 
@@ -82,6 +82,14 @@ def run_finetune(tiny_model, data, out: Path, *extra) -> str:
     assert exit_info.value.code not in (0, None)
     assert not (out / "metrics.jsonl").exists()  # stopped before the first training step
     return str(exit_info.value.code)
+
+
+def inspected(model, data, capsys, *flags) -> tuple[list[dict], str]:
+    """inspect_data --json's input_ids and labels of each sample, and what it said about the data on stderr."""
+    inspect_data.main(["--model", model, "--data", str(data), "--json", *flags])
+    captured = capsys.readouterr()
+    rows = [json.loads(line) for line in captured.out.splitlines()]
+    return [{key: row[key] for key in ("input_ids", "labels")} for row in rows], captured.err
 
 
 def collate(collator, samples) -> dict:

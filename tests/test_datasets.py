@@ -5,11 +5,10 @@ import json
 
 import datasets
 import pytest
-from helpers import picture, qa, run_finetune, write_json
+from helpers import inspected, picture, qa, run_finetune, write_json
 from PIL import Image
 
 import finetune
-from qwen_ft import inspect_data
 
 QUESTIONS = [("a.png", "What colour is the shape?", "red"), ("b.png", "What shape is it?", "square")]
 
@@ -38,13 +37,6 @@ def chartqa_like(folder) -> datasets.Dataset:
         }
     )
     return datasets.Dataset.from_dict(rows, features=features)
-
-
-def inspected(model, data, capsys, *flags) -> tuple[list[dict], str]:
-    inspect_data.main(["--model", model, "--data", str(data), "--json", *flags])
-    captured = capsys.readouterr()
-    rows = [json.loads(line) for line in captured.out.splitlines()]
-    return [{k: row[k] for k in ("input_ids", "labels")} for row in rows], captured.err
 
 
 def reference(tmp_path, tiny_model, capsys) -> list[dict]:

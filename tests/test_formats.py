@@ -1,11 +1,7 @@
 """Other formats' data files give the samples the same data gives in qwen-ft's messages form."""
 
-import json
-
 import pytest
-from helpers import clip, picture, run_finetune, write_json
-
-from qwen_ft import inspect_data
+from helpers import clip, inspected, picture, run_finetune, write_json
 
 # Conversations written once, neutrally: turns of (role, items), an item a text or ("image" | "video", file).
 CONVERSATIONS = [
@@ -92,14 +88,6 @@ WRITERS = {
     "trl": (as_trl, "trl", False),
     "qwen-vl": (as_qwen_vl, "qwen-vl", False),
 }
-
-
-def inspected(model, data, capsys, *flags) -> tuple[list[dict], str]:
-    """inspect_data --json's rows (input_ids, labels, ...) and what it said about the data on stderr."""
-    inspect_data.main(["--model", model, "--data", data, "--json", *flags])
-    captured = capsys.readouterr()
-    rows = [json.loads(line) for line in captured.out.splitlines()]
-    return [{k: row[k] for k in ("input_ids", "labels")} for row in rows], captured.err
 
 
 @pytest.mark.parametrize("name", list(WRITERS))
