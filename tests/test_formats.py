@@ -186,7 +186,8 @@ BAD_SAMPLES = {
 @pytest.mark.parametrize("problem", list(BAD_SAMPLES))
 def test_bad_samples_of_each_format_stop_before_training(tmp_path, tiny_model, problem):
     media_files(tmp_path)
-    bad, message, good = (*BAD_SAMPLES[problem], llava("<image>\nColour?"))[:3]
+    bad, message, *good = BAD_SAMPLES[problem]  # good: a sample of the bad one's format, where not LLaVA's
+    good = good[0] if good else llava("<image>\nColour?")
     data = write_json(tmp_path / "data.json", [good, bad])
     error = run_finetune(tiny_model, data, tmp_path / "out")
     assert error.startswith("error: ") and len(error.splitlines()) == 1
