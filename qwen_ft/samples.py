@@ -133,32 +133,34 @@ class Samples:
         return self.select(np.flatnonzero(np.isin(self.table["source"][self.order], list(numbers))))
 
     def sample(self, position: int) -> Sample:
-        t = self.table
-        start = t["ends"][position - 1] if position else 0
-        image_start = t["image_ends"][position - 1] if position else 0
+        table = self.table
+        start = table["ends"][position - 1] if position else 0
+        image_start = table["image_ends"][position - 1] if position else 0
         return Sample(
-            source=self.sources[t["source"][position]].path,
-            index=int(t["index"][position]),
-            line=int(t["line"][position]) or None,
-            messages=json.loads(t["blob"][start : t["ends"][position]].tobytes()),
-            image_sizes=[tuple(size) for size in t["image_sizes"][image_start : t["image_ends"][position]].tolist()],
+            source=self.sources[table["source"][position]].path,
+            index=int(table["index"][position]),
+            line=int(table["line"][position]) or None,
+            messages=json.loads(table["blob"][start : table["ends"][position]].tobytes()),
+            image_sizes=[
+                tuple(size) for size in table["image_sizes"][image_start : table["image_ends"][position]].tolist()
+            ],
             video_plans=self.video_plans.get(position, []),
-            length=int(t["length"][position]),
+            length=int(table["length"][position]),
         )
 
     def where(self, position: int) -> str:
         """Sample.where of the sample at this position, without reading its messages."""
-        t = self.table
-        line = int(t["line"][position])
-        where = f"{self.sources[t['source'][position]].path}: sample {int(t['index'][position])}"
+        table = self.table
+        line = int(table["line"][position])
+        where = f"{self.sources[table['source'][position]].path}: sample {int(table['index'][position])}"
         return where + (f" (line {line})" if line else "")
 
     def image_rows(self) -> tuple[np.ndarray, np.ndarray]:
         """The rows of this view's images in the table's per-image arrays (image_ids, image_sizes), sample by
         sample, and the position of the sample each belongs to."""
-        t = self.table
-        starts = np.concatenate([[0], t["image_ends"][:-1]])[self.order]
-        counts = t["image_ends"][self.order] - starts
+        table = self.table
+        starts = np.concatenate([[0], table["image_ends"][:-1]])[self.order]
+        counts = table["image_ends"][self.order] - starts
         rows = np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
         return rows, np.repeat(self.order, counts)
 
