@@ -94,22 +94,26 @@ def wait_for_steps(process, out: Path, steps: int) -> None:
 
 @pytest.fixture(scope="module")
 def reference(tiny_model, tmp_path_factory):
-    """Uninterrupted runs, full and LoRA, whose losses every resumed run must match exactly."""
+    """The data, and the losses of an uninterrupted run of a mode (run when a test first asks for that mode),
+    which every resumed run of it must match exactly."""
     folder = tmp_path_factory.mktemp("reference")
     data = dataset(folder)
-    losses = {}
-    for name, extra in MODES.items():
-        code, _, err = run(flags(tiny_model, data, folder / name, *extra))
+
+    @functools.cache
+    def losses(mode: str) -> list[float]:
+        code, _, err = run(flags(tiny_model, data, folder / mode, *MODES[mode]))
         assert code == 0, err[-3000:]
-        losses[name] = [r["loss"] for r in rows(folder / name)]
+        return [r["loss"] for r in rows(folder / mode)]
+
     return data, losses
 
 
 @pytest.mark.parametrize(
     "mode, stop",
     [
-        ("full", signal.SIGTERM),
-        pytest.param("lora", signal.SIGINT, marks=pytest.mark.slow),  # in-process below, for every family
+        # The default run has the in-process version below, for every family.
+        pytest.param("full", signal.SIGTERM, marks=pytest.mark.slow),
+        pytest.param("lora", signal.SIGINT, marks=pytest.mark.slow),
         pytest.param("packed", signal.SIGTERM, marks=pytest.mark.slow),
     ],
 )
@@ -129,7 +133,7 @@ def test_a_signal_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_model, 
     assert code == 0, err[-3000:]
     resumed = rows(tmp_path / "out")
     assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
-    assert [r["loss"] for r in resumed] == losses[mode]  # bit for bit
+    assert [r["loss"] for r in resumed] == losses(mode)  # bit for bit
 
 
 def signal_during_step(monkeypatch, step: int, stop=signal.SIGTERM) -> None:
@@ -148,7 +152,7 @@ def signal_during_step(monkeypatch, step: int, stop=signal.SIGTERM) -> None:
 
 
 @pytest.mark.parametrize("family, mode", [(f, "full") for f in FAMILIES] + [("qwen3-vl", "lora"), ("qwen3.5", "lora")])
-def test_every_family_resumes_as_if_never_interrupted(tmp_path, family_model, family, mode, monkeypatch):
+def test_every_family_resumes_as_if_never_interrupted(tmp_path, family_model, family, mode, monkeypatch, capsys):
     """In-process and shorter than the runs above: each family's weights, adapters and trained mergers
     must come back from a checkpoint exactly."""
     data = dataset(tmp_path)
@@ -160,6 +164,8 @@ def test_every_family_resumes_as_if_never_interrupted(tmp_path, family_model, fa
         finetune.train(parse_config(args), single_device())
     assert len(rows(tmp_path / "out")) == 3
     assert complete_checkpoints(tmp_path / "out")[-1].name == "step-00000003"
+    said = capsys.readouterr().out
+    assert "stopped after step 3" in said and "--resume" in said
     finetune.train(parse_config([*args, "--resume"]), single_device())
     assert [r["loss"] for r in rows(tmp_path / "out")] == [r["loss"] for r in rows(tmp_path / "reference")]
 
@@ -179,7 +185,7 @@ def test_kill_9_between_checkpoints_loses_only_the_steps_since_the_last(tmp_path
     code, out, err = run([*args, "--resume"])
     assert code == 0, err[-3000:]
     assert f"resuming from {last}" in out
-    assert [r["loss"] for r in rows(tmp_path / "out")] == losses[mode]
+    assert [r["loss"] for r in rows(tmp_path / "out")] == losses(mode)
 
 
 # Runs finetune.py, killing itself with SIGKILL during its second checkpoint: after the weights are
@@ -217,7 +223,7 @@ def test_kill_9_during_a_save_leaves_the_previous_checkpoint(tmp_path, tiny_mode
     code, out, err = run([*args, "--resume"])
     assert code == 0, err[-3000:]
     assert "resuming from" in out and "step-00000004" in out
-    assert [r["loss"] for r in rows(tmp_path / "out")] == losses["full"]
+    assert [r["loss"] for r in rows(tmp_path / "out")] == losses("full")
     assert not list(root.glob(".tmp-*"))  # the next save cleared it
 
 

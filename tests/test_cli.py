@@ -88,7 +88,7 @@ def offline_env(tmp_path, **variables) -> dict:
     [
         ({"HF_ENDPOINT": "http://127.0.0.1:9"}, "cannot be reached"),  # nothing listens on the discard port
         ({"HF_HUB_OFFLINE": "1"}, "offline mode is on"),
-        ({"TRANSFORMERS_OFFLINE": "1"}, "offline mode is on"),
+        pytest.param({"TRANSFORMERS_OFFLINE": "1"}, "offline mode is on", marks=pytest.mark.slow),
     ],
 )
 def test_a_hub_model_that_cant_be_had_fails_fast_and_says_what_to_do(tmp_path, variables, says):
