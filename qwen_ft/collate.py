@@ -104,8 +104,11 @@ class Collator:
         video_processor = processor.video_processor
         self.video_factor = video_processor.patch_size * video_processor.merge_size  # frame sides are multiples
 
-    def text(self, sample: Sample) -> str:
-        return self.processor.apply_chat_template(sample.messages, tokenize=False, **self.template_options)
+    def texts(self, conversations: list[list[dict]], generation_prompt: bool = False) -> list[str]:
+        """The chat template's text of each conversation: one call for all, which pays the template's set-up once."""
+        return self.processor.apply_chat_template(
+            conversations, tokenize=False, add_generation_prompt=generation_prompt, **self.template_options
+        )
 
     def media(self, conversation: list[dict]) -> tuple[list, list]:
         """A conversation's images and videos (frames, metadata), loaded; MediaError if one fails."""
@@ -116,12 +119,7 @@ class Collator:
 
     def process(self, conversations: list[list[dict]], generation_prompt=False, padding_side="right", media=None):
         """The processor's batch for these conversations, with their media (loaded here unless given)."""
-        texts = [
-            self.processor.apply_chat_template(
-                c, tokenize=False, add_generation_prompt=generation_prompt, **self.template_options
-            )
-            for c in conversations
-        ]
+        texts = self.texts(conversations, generation_prompt)
         media = media if media is not None else [self.media(c) for c in conversations]
         images = [image for sample_images, _ in media for image in sample_images]
         videos = [video for _, sample_videos in media for video in sample_videos]

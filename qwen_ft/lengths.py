@@ -6,16 +6,21 @@ the model's own chat template and tokenizer, with each image's and video's place
 the processor will expand it, so they equal what the collator then produces.
 """
 
+import multiprocessing
+import os
 import sys
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import torch
 
 from qwen_ft.collate import IGNORE_INDEX, Collator, assistant_labels
 from qwen_ft.samples import Sample, Samples
+from qwen_ft.stop import ignore_signals
 from qwen_ft.video import VideoPlan, clip_metadata
 
-CHUNK = 512  # samples tokenized in one call: the tokenizer works through a batch in parallel
+CHUNK = 512  # samples templated and tokenized in one call
+MANY = 4 * CHUNK  # more samples than this are measured by worker processes
 NONE = np.iinfo(np.int32).max  # no image, or nothing trained
 
 
@@ -42,8 +47,9 @@ def token_ids(collator: Collator, sample: Sample) -> list[int]:
     """The input_ids the processor will produce for this sample, from its media's sizes alone."""
     tokens = collator.tokens
     images, plans = iter(sample.image_sizes), iter(sample.video_plans)
+    text = collator.texts([sample.messages])[0]
     expanded = []
-    for token in collator.processor.tokenizer(collator.text(sample), add_special_tokens=False)["input_ids"]:
+    for token in collator.processor.tokenizer(text, add_special_tokens=False)["input_ids"]:
         if token == tokens.image_pad:
             expanded.extend([token] * image_tokens(collator, *next(images)))
         elif token == tokens.video_pad:
@@ -53,46 +59,86 @@ def token_ids(collator: Collator, sample: Sample) -> list[int]:
     return expanded
 
 
-def measure(collator: Collator, samples: Samples, dist=None) -> None:
+def measure(collator: Collator, samples: Samples, dist=None, processes: int | None = None) -> None:
     """Record each sample's token count, the end of its last image or video and its first trained token
     (into the Samples' table as "measure"; fit reads them for any --max-length). In a distributed run
     (dist) each process measures a share, and all of them learn every count.
 
-    Counted on the template's tokens, before the placeholders are expanded (an image is often a thousand
-    tokens): each expansion only shifts what follows it."""
+    The chat template and the tokenizer take about 0.2 ms a sample on one core, so a large set is spread over
+    `processes` forked workers: by default, for more than MANY samples, one per CPU core this process
+    may use, shared with the other processes on its machine.
+    """
     rank, world_size = (dist.rank, dist.world_size) if dist else (0, 1)
     mine = samples.select(np.arange(rank, len(samples), world_size))
-    counted = np.zeros((len(mine), 3), np.int32)
-    tokenizer, tokens = collator.processor.tokenizer, collator.tokens
-    videos = {}  # a plan's tokens, computed once
-    for start in range(0, len(mine), CHUNK):
-        chunk = mine[start : start + CHUNK]
-        loaded = list(chunk)
-        texts = tokenizer([collator.text(sample) for sample in loaded], add_special_tokens=False)["input_ids"]
-        for row, sample, ids in zip(range(start, start + len(chunk)), loaded, texts):
-            images, plans = iter(sample.image_sizes), iter(sample.video_plans)
-            labels = assistant_labels(ids, tokens)
-            first_trained = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), None)
-            shift, vision_end, trained_at = 0, 0, NONE  # shift: tokens the expansions so far added
-            for i, token in enumerate(ids):
-                if i == first_trained:
-                    trained_at = i + shift
-                if token == tokens.image_pad:
-                    shift += image_tokens(collator, *next(images)) - 1
-                elif token == tokens.video_pad:
-                    plan = next(plans)
-                    if plan not in videos:
-                        videos[plan] = video_token_ids(collator, plan)
-                    expansion = videos[plan]
-                    if tokens.vision_end in expansion:  # Qwen3-VL closes each frame's time and patches
-                        vision_end = i + shift + len(expansion) - expansion[::-1].index(tokens.vision_end)
-                    shift += len(expansion) - 1
-                elif token == tokens.vision_end:
-                    vision_end = i + shift + 1
-            counted[row] = (len(ids) + shift, vision_end, trained_at)
+    starts = range(0, len(mine), CHUNK)
+    if processes is None:
+        processes = cores_of_this_process() if len(mine) > MANY else 1
+    if processes > 1 and len(starts) > 1 and "fork" in multiprocessing.get_all_start_methods():
+        global forked_with
+        forked_with = collator, mine  # what the workers inherit: nothing is pickled but the counts
+        pool = ProcessPoolExecutor(min(processes, len(starts)), multiprocessing.get_context("fork"), start_worker)
+        try:
+            counts = list(pool.map(count_in_worker, starts))
+        finally:
+            pool.shutdown(cancel_futures=True)  # after Ctrl-C, no chunk left queued
+            forked_with = None
+    else:
+        counts = [count(collator, mine[start : start + CHUNK]) for start in starts]
+    counted = np.concatenate(counts) if counts else np.zeros((0, 3), np.int32)
     shares = dist.all_gather_objects(counted) if dist else [counted]
-    for share, counts in enumerate(shares):
-        samples.table["measure"][samples.order[share::world_size]] = counts
+    for share, share_counts in enumerate(shares):
+        samples.table["measure"][samples.order[share::world_size]] = share_counts
+
+
+def count(collator: Collator, chunk: Samples) -> np.ndarray:
+    """measure's three numbers for each sample of the chunk, counted on the template's tokens, before the
+    placeholders are expanded (an image is often a thousand tokens): each expansion only shifts what follows it."""
+    tokens, loaded = collator.tokens, list(chunk)
+    texts = collator.processor.tokenizer(collator.texts([s.messages for s in loaded]), add_special_tokens=False)
+    counted = np.zeros((len(loaded), 3), np.int32)
+    videos = {}  # a plan's tokens, computed once
+    for row, (sample, ids) in enumerate(zip(loaded, texts["input_ids"])):
+        images, plans = iter(sample.image_sizes), iter(sample.video_plans)
+        labels = assistant_labels(ids, tokens)
+        first_trained = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), None)
+        shift, vision_end, trained_at = 0, 0, NONE  # shift: tokens the expansions so far added
+        for i, token in enumerate(ids):
+            if i == first_trained:
+                trained_at = i + shift
+            if token == tokens.image_pad:
+                shift += image_tokens(collator, *next(images)) - 1
+            elif token == tokens.video_pad:
+                plan = next(plans)
+                if plan not in videos:
+                    videos[plan] = video_token_ids(collator, plan)
+                expansion = videos[plan]
+                if tokens.vision_end in expansion:  # Qwen3-VL closes each frame's time and patches
+                    vision_end = i + shift + len(expansion) - expansion[::-1].index(tokens.vision_end)
+                shift += len(expansion) - 1
+            elif token == tokens.vision_end:
+                vision_end = i + shift + 1
+        counted[row] = (len(ids) + shift, vision_end, trained_at)
+    return counted
+
+
+forked_with = None  # (collator, samples) of the measure whose workers are being forked
+
+
+def count_in_worker(start: int) -> np.ndarray:
+    collator, samples = forked_with
+    return count(collator, samples[start : start + CHUNK])
+
+
+def start_worker() -> None:
+    ignore_signals()  # Ctrl-C is the main process's to handle
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread each: the workers already use every core
+
+
+def cores_of_this_process() -> int:
+    """The CPU cores this process may use (its affinity, on Linux), shared evenly with the other
+    processes torchrun started on this machine."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def fit(samples: Samples, max_length: int, quiet: bool = False) -> Samples:

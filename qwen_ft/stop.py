@@ -38,7 +38,7 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
-def ignore_signals(worker_id: int) -> None:
+def ignore_signals(worker_id: int = 0) -> None:
     """DataLoader workers leave SIGINT and SIGTERM to the main process, which stops cleanly (Ctrl-C
     reaches the whole process group)."""
     for sig in SIGNALS:

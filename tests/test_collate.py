@@ -1,7 +1,9 @@
+import numpy as np
 import pytest
 import torch
 from helpers import clip, picture, qa, reference_labels, video_qa, write_json
 
+from qwen_ft import lengths
 from qwen_ft.collate import IGNORE_INDEX, Collator, assistant_labels
 from qwen_ft.data import read_samples
 from qwen_ft.lengths import fit, measure, token_ids
@@ -122,6 +124,28 @@ def test_lengths_predicted_before_training_are_those_the_collator_gives(tmp_path
         vision_end = max((i + 1 for i, token in enumerate(ids) if token == collator.tokens.vision_end), default=0)
         first_trained = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
         assert samples.table["measure"][position].tolist() == [len(ids), vision_end, first_trained], sample.where
+
+
+def test_worker_processes_measure_what_one_process_does(tmp_path, family_processor, monkeypatch):
+    """Many samples are measured by forked workers, a chunk each: every count must land on its own sample."""
+    samples, collator = load(tmp_path, list(conversations(tmp_path).values()), family_processor("qwen3-vl"))
+    measure(collator, samples, processes=1)
+    expected = samples.table["measure"].copy()
+    samples.table["measure"][:] = 0
+    pools = []
+
+    class Pool(lengths.ProcessPoolExecutor):
+        def __init__(self, workers, *args):
+            pools.append(workers)
+            super().__init__(workers, *args)
+
+    monkeypatch.setattr(lengths, "ProcessPoolExecutor", Pool)
+    monkeypatch.setattr(lengths, "CHUNK", 2)  # 4 chunks of the 7 samples
+    monkeypatch.setattr(lengths, "MANY", 6)  # so that the default is to fork
+    monkeypatch.setattr(lengths, "cores_of_this_process", lambda: 3)
+    measure(collator, samples)
+    assert pools == [3]
+    np.testing.assert_array_equal(samples.table["measure"], expected)
 
 
 def test_max_length_never_cuts_an_image(tmp_path, processor, capsys):
