@@ -20,7 +20,7 @@ import numpy as np
 from qwen_ft import hf_datasets
 from qwen_ft.formats import CONTENT_KEYS, FORMATS, formats_of, to_messages
 from qwen_ft.media import MediaError, is_url, resolve, shorten
-from qwen_ft.samples import SampleBuilder, Samples, Source
+from qwen_ft.samples import SampleBuilder, Samples, Source, where
 
 ROLES = ("system", "user", "assistant")
 MEDIA_TYPES = ("image", "video")
@@ -107,7 +107,7 @@ def read_records(path: Path):
                         record = json.loads(line)
                     except json.JSONDecodeError as e:
                         raise DataError(
-                            f"{path}: sample {samples} (line {number}): malformed JSON: {e.msg} at column {e.colno}"
+                            f"{where(path, samples, number)}: malformed JSON: {e.msg} at column {e.colno}"
                         ) from None
                     samples += 1
                     yield number, record
@@ -247,7 +247,7 @@ def read_samples(
                 unread |= {key for key in record if key not in CONTENT_KEYS and key != "id"}
                 messages = check_sample(to_messages(record, fits[0]), resolve_ref, special_tokens, require_answer)
             except ValueError as e:
-                errors.append(f"{path}: sample {index}" + (f" (line {line})" if line else "") + f": {e}")
+                errors.append(f"{where(path, index, line)}: {e}")
             builder.add(index, line, messages)
         if len(builder) == first:
             raise DataError(f"{path}: no samples")

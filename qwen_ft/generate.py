@@ -133,8 +133,9 @@ def main(argv: list[str] | None = None) -> None:
         collator = answerer.collator
         data_format = None if args.data_format == "auto" else args.data_format
         samples = read_samples(
-            args.data, args.media_root, collator.tokens.all_strings, False, data_format, parse_columns(args.columns)
-        )
+            args.data, args.media_root, collator.tokens.all_strings, require_answer=False,
+            data_format=data_format, columns=parse_columns(args.columns),
+        )  # fmt: skip
         check_media(samples, video, collator.video_factor)
     except (DataError, MediaError, ModelUnavailable) as e:
         sys.exit(f"error: {e}")

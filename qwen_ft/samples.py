@@ -15,6 +15,11 @@ import numpy as np
 from qwen_ft.video import VideoPlan
 
 
+def where(source: str, index: int, line: int | None) -> str:
+    """How messages name a sample: its file, its index in it, and its line in a JSONL file."""
+    return f"{source}: sample {index}" + (f" (line {line})" if line else "")
+
+
 @dataclass
 class Source:
     """A data file (or dataset folder) and what reading it found."""
@@ -40,7 +45,7 @@ class Sample:
 
     @property
     def where(self) -> str:
-        return f"{self.source}: sample {self.index}" + (f" (line {self.line})" if self.line else "")
+        return where(self.source, self.index, self.line)
 
     def parts(self, kind: str) -> list[dict]:
         return [part for message in self.messages for part in message["content"] if part["type"] == kind]
@@ -151,9 +156,7 @@ class Samples:
     def where(self, position: int) -> str:
         """Sample.where of the sample at this position, without reading its messages."""
         table = self.table
-        line = int(table["line"][position])
-        where = f"{self.sources[table['source'][position]].path}: sample {int(table['index'][position])}"
-        return where + (f" (line {line})" if line else "")
+        return where(self.sources[table["source"][position]].path, table["index"][position], table["line"][position])
 
     def image_rows(self) -> tuple[np.ndarray, np.ndarray]:
         """The rows of this view's images in the table's per-image arrays (image_ids, image_sizes), sample by
