@@ -1,13 +1,20 @@
 import json
 
 import pytest
-from helpers import picture, qa, write_json
+from helpers import greedy_answer, picture, qa, transformers_model, write_json
+from transformers import AutoProcessor
 
 import finetune
 from qwen_ft import generate
 from qwen_ft.config import parse_config
 from qwen_ft.dist import single_device
 from qwen_ft.tiny import FAMILIES
+
+
+def user(image, text: str) -> dict:
+    """A user message as transformers' chat template takes it: an image (path) when given, then the text."""
+    media = [{"type": "image", "image": str(image)}] if image else []
+    return {"role": "user", "content": [*media, {"type": "text", "text": text}]}
 
 
 @pytest.mark.parametrize("family", ["qwen2-vl", "qwen3-vl"])
@@ -34,7 +41,20 @@ def test_answers_every_sample_and_scores_exact_match(tmp_path, family_model, fam
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["index"] for r in rows] == [0, 1, 2]
     assert [r["reference"] for r in rows] == ["red", "circle", "hi"]
-    assert all(isinstance(r["prediction"], str) for r in rows)
+    # Each sample cut after its last user message, answered one at a time by transformers' own generate.
+    processor, model = AutoProcessor.from_pretrained(tiny_model), transformers_model(tiny_model)
+    questions = [
+        [user(tmp_path / image, "What colour is the shape?")],
+        [user(tmp_path / image, "Colour?"), {"role": "assistant", "content": "red"}, user(None, "Shape?")],
+        [user(None, "Say hi")],
+    ]
+    expected = []
+    for question in questions:
+        inputs = processor.apply_chat_template(
+            question, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        )
+        expected.append(greedy_answer(model, processor.tokenizer, inputs, max_new_tokens=4))
+    assert [r["prediction"] for r in rows] == expected
     correct = sum(r["prediction"] == r["reference"] for r in rows)
     assert f"exact match: {correct}/3" in capsys.readouterr().out
 
@@ -72,7 +92,15 @@ def test_one_question_about_an_image(tmp_path, tiny_model, capsys):
     generate.main(
         ["--model", tiny_model, "--image", str(tmp_path / "a.png"), "--prompt", "Colour?", "--max-new-tokens", "3"]
     )
-    assert len(capsys.readouterr().out.strip().splitlines()) <= 3
+    printed = capsys.readouterr().out
+    processor = AutoProcessor.from_pretrained(tiny_model)
+    question = [user(tmp_path / "a.png", "Colour?")]
+    inputs = processor.apply_chat_template(
+        question, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    expected = greedy_answer(transformers_model(tiny_model), processor.tokenizer, inputs, max_new_tokens=3)
+    assert expected, "a random model's answer, but not an empty one, or printing nothing would pass"
+    assert printed == expected + "\n"
 
 
 @pytest.mark.parametrize("lora", [False, True])
