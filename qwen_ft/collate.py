@@ -10,7 +10,7 @@ from PIL import Image
 from transformers.video_utils import VideoMetadata
 
 from qwen_ft.config import ConfigError
-from qwen_ft.media import MediaError, load_image
+from qwen_ft.media import MediaError, hide_pil_size_warning, load_image
 from qwen_ft.packing import pack
 from qwen_ft.samples import Sample
 from qwen_ft.video import VideoError, VideoSettings, load_video
@@ -103,6 +103,8 @@ class Collator:
         self.template_options = {"enable_thinking": False} if thinking else {}
         video_processor = processor.video_processor
         self.video_factor = video_processor.patch_size * video_processor.merge_size  # frame sides are multiples
+        self.max_pixels = processor.image_processor.size["longest_edge"]  # --max-pixels: what images shrink to
+        hide_pil_size_warning()  # load_image refuses what PIL would warn about
 
     def texts(self, conversations: list[list[dict]], generation_prompt: bool = False) -> list[str]:
         """The chat template's text of each conversation: one call for all, which pays the template's set-up once."""
@@ -113,7 +115,7 @@ class Collator:
     def media(self, conversation: list[dict]) -> tuple[list, list]:
         """A conversation's images and videos (frames, metadata), loaded; MediaError if one fails."""
         parts = [part for message in conversation for part in message["content"]]
-        images = [load_image(part["image"]) for part in parts if part["type"] == "image"]
+        images = [load_image(part["image"], self.max_pixels) for part in parts if part["type"] == "image"]
         videos = [self.load_video(part) for part in parts if part["type"] == "video"]
         return images, videos
 
