@@ -115,10 +115,11 @@ class Collator:
         self.video_factor = video_processor.patch_size * video_processor.merge_size  # frame sides are multiples
         self.max_pixels = processor.image_processor.size["longest_edge"]  # --max-pixels: what images shrink to
         hide_pil_size_warning()  # load_image refuses what PIL would warn about
-        # Qwen3-VL's processor (Qwen3-VL-MoE's and Qwen3.5's too) writes each frame of a video as "<0.5 seconds>
-        # <|vision_start|>...<|vision_end|>". The release's processor put that in place of the template's three
-        # tokens, and the models were trained on it, as LLaMA-Factory and serving engines write it; transformers 5
-        # expands the <|video_pad|> alone and keeps the template's pair around the frames. texts() drops that pair.
+        # Qwen3-VL's processor (Qwen3-VL-MoE's and Qwen3.5's too) writes each frame of a video as its time and
+        # a pair of its own: <0.5 seconds><|vision_start|>...<|vision_end|>. The released processor put that in
+        # place of the template's three tokens, and so do LLaMA-Factory and serving engines: that is the text the
+        # models know. transformers 5 expands the <|video_pad|> alone, keeping the template's pair around all the
+        # frames; texts() drops that pair.
         self.frames_in_own_pairs = writes_frame_pairs(processor)
 
     def texts(self, conversations: list[list[dict]], generation_prompt: bool = False) -> list[str]:

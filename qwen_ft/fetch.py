@@ -28,7 +28,6 @@ class Deadline:
     """The sockets of one fetch, shut down when its time is up or when abort() is called."""
 
     def __init__(self, seconds: float):
-        self.seconds = seconds
         self.sockets: list[socket.socket] = []  # duplicates of the fetch's sockets: shutdown acts on the connection
         self.ended: str | None = None  # why the fetch was cut short
         self.lock = threading.Lock()
