@@ -94,7 +94,7 @@ def test_a_fetch_ends_by_its_deadline_and_says_what_happened(server, monkeypatch
     began = time.monotonic()
     with pytest.raises(MediaError) as error:
         read_bytes(server + path)
-    assert time.monotonic() - began < 2.5  # the 0.5 s deadline, and time to spare on a loaded machine
+    assert time.monotonic() - began < 5  # the 0.5 s deadline, and time to spare on a loaded machine (not 10 s)
     assert str(error.value) == f"'{server}{path}' cannot be fetched: {message}"
     assert fetch.under_way == set()
 
@@ -128,7 +128,7 @@ def test_ctrl_c_stops_the_check_at_once(server, tmp_path):
             check_media(samples)
     finally:
         ctrl_c.cancel()
-    assert time.monotonic() - began < 3
+    assert time.monotonic() - began < 5  # not the 10 s a handler takes to give up
     for thread in set(threading.enumerate()) - before - {ctrl_c}:
         thread.join(timeout=2)
         assert not thread.is_alive(), thread.name
