@@ -181,7 +181,9 @@ def checked_samples(spec: str, cfg: Config, collator: Collator, dist: Dist) -> S
     index, settings, full = index_folder(cfg.output_dir), index_settings(cfg, collator), cfg.check_media == "full"
     unknown = sorted(set().union(*dist.all_gather_objects(load_index(index, samples, settings, full))))
     # Each process checks and measures a share of what the index doesn't hold, and they exchange what they found.
-    check_media(samples.of_sources(unknown), cfg.video(), collator.video_factor, full, dist=dist)
+    check_media(
+        samples.of_sources(unknown), cfg.video(), collator.video_factor, full, dist=dist, max_pixels=cfg.max_pixels
+    )
     measure(collator, samples.of_sources(unknown), dist)
     if dist.is_main and unknown:
         save_index(index, samples, settings, unknown, full)

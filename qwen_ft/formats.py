@@ -34,6 +34,13 @@ FORMAT_KEYS = {
     "qwen-vl": ("conversations",),
     "qa": ("question", "answer", "system", "image", "images", "video", "videos"),
 }
+# Audio, as other tools' formats carry it: LLaMA-Factory's "audios" list and <audio> placeholders, audio parts
+# in messages (transformers' "audio", OpenAI's "input_audio"). Read as metadata or text, a sample would train on
+# answers about sounds the model never hears.
+AUDIO_KEYS = ("audios", "audio")
+AUDIO_PLACEHOLDER = "<audio>"
+AUDIO_PARTS = ("audio", "input_audio")
+NO_AUDIO = "Qwen vision-language models take no audio: leave audio samples out of the data"
 # A key that some format reads as content: a sample holding one its own format doesn't read would lose it,
 # so that is an error. Any other key (a source, a licence) is the sample's metadata and is not read.
 CONTENT_KEYS = frozenset(key for keys in FORMAT_KEYS.values() for key in keys)
@@ -77,6 +84,9 @@ def sample_shapes(record: dict) -> tuple[str, ...]:
 
 def to_messages(record: dict, data_format: str) -> dict:
     """The sample in the messages form: {"messages": [...]} (and its "id"); ValueError says what is wrong."""
+    for key in AUDIO_KEYS:
+        if record.get(key):  # an empty list, or a table's empty cell, holds no audio
+            raise ValueError(f"the sample has audio ({key!r}): {NO_AUDIO}")
     for key in record:
         if key in CONTENT_KEYS and key not in FORMAT_KEYS[data_format]:
             raise ValueError(

@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
             args.data, args.media_root, collator.tokens.all_strings, require_answer=False,
             data_format=data_format, columns=parse_columns(args.columns),
         )  # fmt: skip
-        check_media(samples, video, collator.video_factor)
+        check_media(samples, video, collator.video_factor, max_pixels=collator.max_pixels)
     except (DataError, MediaError, ModelUnavailable) as e:
         sys.exit(f"error: {e}")
 

@@ -1,5 +1,6 @@
 """Loading a Qwen vision-language model and processor, and choosing which of its parts train."""
 
+import json
 import socket
 import urllib.parse
 from pathlib import Path
@@ -8,7 +9,16 @@ import torch
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.errors import HFValidationError
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    AutoVideoProcessor,
+    BitsAndBytesConfig,
+    Qwen2_5_VLProcessor,
+    Qwen2VLImageProcessor,
+)
 
 from qwen_ft.families import MERGERS, Family, UnsupportedModel, family_of
 
@@ -113,7 +123,12 @@ def load_processor(
     check_available(name, processor=True)
     if not Path(name).is_dir() or (Path(name) / "config.json").is_file():  # an adapter folder may hold no config
         check_family(name, trust_remote_code)
-    processor = AutoProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
+    try:
+        processor = AutoProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except ValueError:  # transformers' "Unrecognized image processor", a 40-line traceback
+        if image_processor_type(name) != EARLY_QWEN2_5_VL:
+            raise
+        processor = early_qwen2_5_vl_processor(name)
     for sub, largest in ((processor.image_processor, max_pixels), (processor.video_processor, video_max_pixels)):
         size = dict(sub.size)
         sub.size = {
@@ -121,6 +136,39 @@ def load_processor(
             "longest_edge": largest if largest is not None else size["longest_edge"],
         }
     return processor
+
+
+# The early Qwen2.5-VL releases name their image processor so in preprocessor_config.json, a class transformers
+# never had (Qwen2.5-VL's images go through Qwen2-VL's processor), and AutoProcessor can't load them.
+EARLY_QWEN2_5_VL = "Qwen2_5_VLImageProcessor"
+
+
+def image_processor_type(name: str) -> str | None:
+    """What the model's preprocessor_config.json (if any) names as its image processor."""
+    file = "preprocessor_config.json"
+    path = Path(name) / file if Path(name).is_dir() else try_to_load_from_cache(name, file)  # fetched by AutoProcessor
+    try:
+        return json.loads(Path(path).read_text()).get("image_processor_type")
+    except (TypeError, OSError, ValueError, AttributeError):  # not there, unreadable, not JSON, not an object
+        return None
+
+
+def early_qwen2_5_vl_processor(name: str):
+    """The processor of an early Qwen2.5-VL folder, put together from its parts with the image processor it meant;
+    saved with the fine-tuned model, it is one that AutoProcessor loads."""
+    try:
+        return Qwen2_5_VLProcessor(
+            image_processor=Qwen2VLImageProcessor.from_pretrained(name),
+            tokenizer=AutoTokenizer.from_pretrained(name),
+            video_processor=AutoVideoProcessor.from_pretrained(name),
+            chat_template=Qwen2_5_VLProcessor.get_processor_dict(name)[0].get("chat_template"),
+        )
+    except Exception as e:  # what transformers raises for files it can't read varies
+        raise ModelUnavailable(
+            f"'{name}': its preprocessor_config.json names the image processor {EARLY_QWEN2_5_VL}, which transformers "
+            f"does not have, and its parts could not be loaded as Qwen2-VL's ({e}); change that name to "
+            "Qwen2VLImageProcessor"
+        ) from None
 
 
 def load_model(

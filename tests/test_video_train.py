@@ -6,6 +6,7 @@ import re
 
 import pytest
 from helpers import clip, greedy_answer, picture, qa, reference_labels, transformers_model, video_qa, write_json
+from transformers import AutoModelForImageTextToText
 
 import finetune
 from qwen_ft import generate, inspect_data
@@ -13,7 +14,7 @@ from qwen_ft.collate import Collator
 from qwen_ft.config import Config, parse_config
 from qwen_ft.data import read_samples
 from qwen_ft.dist import single_device
-from qwen_ft.lengths import token_ids
+from qwen_ft.lengths import measure, token_ids
 from qwen_ft.media_check import check_media
 from qwen_ft.model import load_processor
 from qwen_ft.tiny import FAMILIES
@@ -108,6 +109,61 @@ def test_qwen3_vl_writes_the_time_of_each_temporal_patch_into_the_text(tmp_path,
     for row, times in enumerate(expected):
         text = collator.processor.tokenizer.decode(batch["input_ids"][row])
         assert re.findall(r"<[0-9.]+ seconds>", text) == times
+
+
+PAD = "<|video_pad|>"
+QUESTION = "Which way does the shape move?<|im_end|>\n<|im_start|>assistant\n"
+# The clip (2 s, 112x112) at 2 fps: 4 frames, 2 temporal patches of 8x8 patches, each 4x4 = 16 tokens once merged.
+# Qwen2-VL and Qwen2.5-VL: one pair around all of it. Qwen3-VL, as released: each temporal patch after its time
+# (its two frames' mean), in a pair of its own, and no pair around the whole.
+QWEN2_VIDEO = "<|vision_start|>" + PAD * 32 + "<|vision_end|>"
+QWEN3_VIDEO = (
+    f"<0.5 seconds><|vision_start|>{PAD * 16}<|vision_end|><1.5 seconds><|vision_start|>{PAD * 16}<|vision_end|>"
+)
+RENDERED = {
+    "qwen2-vl": "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+    + QWEN2_VIDEO
+    + QUESTION
+    + "right<|im_end|>\n",
+    "qwen3-vl": "<|im_start|>user\n" + QWEN3_VIDEO + QUESTION + "right<|im_end|>\n",
+    "qwen3.5": "<|im_start|>user\n" + QWEN3_VIDEO + QUESTION + "<think>\n\n</think>\n\nright<|im_end|>\n",
+}
+RENDERED["qwen2.5-vl"] = RENDERED["qwen2-vl"]
+RENDERED["qwen3-vl-moe"] = RENDERED["qwen3-vl"]
+
+
+def release_rope(ids: list[int], video_pad: int, frame=(4, 4)) -> list[list[int]]:
+    """Qwen3-VL's 3-D positions, by the release's rule: a text token one position on all three axes; a frame's
+    merged patches, at row r and column c, (p, p + r, p + c) from the position p it starts at, and the next
+    token at p + the frame's longer side."""
+    positions, p, i = [], 0, 0
+    while i < len(ids):
+        if ids[i] != video_pad:
+            positions.append([p, p, p])
+            p, i = p + 1, i + 1
+            continue
+        positions += [[p, p + r, p + c] for r in range(frame[0]) for c in range(frame[1])]
+        p, i = p + max(frame), i + frame[0] * frame[1]
+    return positions
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_video_renders_as_each_family_was_trained_on_it(tmp_path, family_model, family_processor, family):
+    processor = family_processor(family)
+    samples, collator = loaded(write_json(tmp_path / "data.json", [video_qa(clip(tmp_path))]), processor)
+    measure(collator, samples)
+    batch = collator(samples)
+    ids = batch["input_ids"][0].tolist()
+    assert processor.tokenizer.decode(ids) == RENDERED[family]
+    assert ids == processor.tokenizer(RENDERED[family], add_special_tokens=False)["input_ids"]
+    assert ids == token_ids(collator, samples[0])  # what the length check predicts, and where the video ends
+    video_end = len(ids) - ids[::-1].index(collator.tokens.vision_end)
+    assert samples.table["measure"][0, :2].tolist() == [len(ids), video_end]
+    if family.startswith("qwen3"):
+        model = AutoModelForImageTextToText.from_pretrained(family_model(family))
+        grid = batch["video_grid_thw"]
+        positions, _ = model.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"], video_grid_thw=grid)
+        assert positions[:, 0].T.tolist() == release_rope(ids, collator.tokens.video_pad)
 
 
 def run_finetune(tiny_model, data, out) -> str:
