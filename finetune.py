@@ -1,9 +1,10 @@
 """Fine-tune a Qwen vision-language model on images, video and text: the whole training loop, in one file.
 
-Read train() top to bottom: config -> seed -> data (checked before the model loads) -> model ->
+Read fine_tune() top to bottom: config -> seed -> data (checked before the model loads) -> model ->
 freezing or LoRA -> optimizer and schedule -> resume -> loop -> save. The step itself is the loop
-with forward_backward just above it. finetune_distributed.py runs this same train() in every
-process of a torchrun job.
+with forward_backward just above it. train() runs it with the output folder locked and signals
+handled (qwen_ft/run.py); finetune_distributed.py runs this same train() in every process of a
+torchrun job.
 
     python finetune.py --model Qwen/Qwen2-VL-2B-Instruct --data train_data/data.json --output-dir output
 """
@@ -29,6 +30,7 @@ from qwen_ft.batching import BatchPlan, check_token_budget
 from qwen_ft.checkpoint import (
     best_checkpoint,
     check_resume_config,
+    check_space,
     checkpoint_folder,
     find_checkpoint,
     load_checkpoint,
@@ -59,7 +61,7 @@ from qwen_ft.packing import real_tokens, rope_index_of
 from qwen_ft.report import run_summary, write_report
 from qwen_ft.run import guarded_run
 from qwen_ft.samples import Samples
-from qwen_ft.stop import RunStopped, StopSignal, ignore_signals, out_of_memory
+from qwen_ft.stop import RunStopped, StopSignal, ignore_signals, out_of_memory, signals_deferred
 from qwen_ft.trackers import open_trackers
 
 EVAL_MAX_NEW_TOKENS = 128  # longest answer generated at an evaluation
@@ -161,20 +163,21 @@ def micro_batches(samples, plan: BatchPlan, collator: Collator, cfg: Config, sta
             skip = max(0, skip - len(batches))
 
     # One DataLoader for the whole run: its workers load across epoch boundaries instead of
-    # starting anew every epoch.
-    return iter(
-        DataLoader(
-            samples,
-            batch_sampler=indices(),
-            collate_fn=collator,
-            num_workers=cfg.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            worker_init_fn=ignore_signals,
-            # Its own generator: drawing worker seeds from the global one would make a resumed run's
-            # random numbers differ from those of a run never interrupted.
-            generator=torch.Generator().manual_seed(cfg.seed),
+    # starting anew every epoch. They start here, where a signal waits until they have started.
+    with signals_deferred():
+        return iter(
+            DataLoader(
+                samples,
+                batch_sampler=indices(),
+                collate_fn=collator,
+                num_workers=cfg.num_workers,
+                pin_memory=torch.cuda.is_available(),
+                worker_init_fn=ignore_signals,
+                # Its own generator: drawing worker seeds from the global one would make a resumed run's
+                # random numbers differ from those of a run never interrupted.
+                generator=torch.Generator().manual_seed(cfg.seed),
+            )
         )
-    )
 
 
 def checked_samples(spec: str, cfg: Config, collator: Collator, dist: Dist) -> Samples:
@@ -273,6 +276,7 @@ def fine_tune(cfg: Config, dist: Dist, stop: StopSignal):
 
     # Loop: `step` counts optimizer steps; each takes grad_accum micro-batches.
     out.mkdir(parents=True, exist_ok=True)
+    check_space(out, model, dist, cfg)  # a warning now if the disk can't hold the checkpoints and the model
     if dist.is_main:
         cfg.save(out / "train_config.json")
     metrics = open_metrics(out / "metrics.jsonl", start_step if resume_from else None) if dist.is_main else None
@@ -298,7 +302,7 @@ def fine_tune(cfg: Config, dist: Dist, stop: StopSignal):
         model.train()
         # From here on SIGTERM or SIGINT lets the step finish, saves a checkpoint and returns; a second one
         # stops at once. Before, they stop the run at once: nothing would be lost.
-        stop.then = "stopping after this step, with a checkpoint"
+        stop.begin("stopping after this step, with a checkpoint")
         for step in range(start_step + 1, total_steps + 1):
             began = time.perf_counter()
             window = [next(batches) for _ in range(cfg.grad_accum)]
@@ -373,7 +377,7 @@ def fine_tune(cfg: Config, dist: Dist, stop: StopSignal):
     # Save: a transformers checkpoint (fp32 under bf16-mixed: see one_dtype), or with LoRA a peft
     # adapter (plus modules trained in full), that from_pretrained loads as it is; written beside, then
     # moved in, so that a folder that looks like a model holds one.
-    stop.then = "stopping once the model is saved"
+    stop.begin("stopping once the model is saved")
     save_final_model(out, step, model, processor, dist, stop, cfg.full_disk_wait)
     if dist.is_main:
         dist.print(f"saved the fine-tuned model to {out}\n{run_summary(out / 'metrics.jsonl')}")

@@ -38,7 +38,17 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from qwen_ft.config import Config, ConfigError
-from qwen_ft.disk import WRITE_ERRORS, SaveFailed, disk_full, failed_write, fsync_tree, publish, torch_save
+from qwen_ft.disk import (
+    WRITE_ERRORS,
+    SaveFailed,
+    disk_full,
+    failed_write,
+    free_space,
+    fsync_tree,
+    publish,
+    size,
+    torch_save,
+)
 from qwen_ft.dist import Dist
 from qwen_ft.stop import RunStopped
 
@@ -145,6 +155,26 @@ def weights_bytes(inner, weights: dict | None) -> int:
     tensors = list((weights if weights is not None else inner.state_dict()).values())
     width = max(t.element_size() for t in tensors if t.is_floating_point())
     return sum(t.numel() * (width if t.is_floating_point() else t.element_size()) for t in tensors)
+
+
+def check_space(out: Path, model, dist: Dist, cfg: Config) -> None:
+    """Warn before training when the disk of the output folder can't hold what the run will write there:
+    --keep-last checkpoints, one more while a new one is written, and the model. (A full disk stops the
+    run cleanly whenever it comes; this says so hours earlier.)"""
+    if not dist.is_main:
+        return
+    model_bytes = weights_bytes(dist.unwrap(model), None)
+    trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    checkpoint = model_bytes + 2 * trained  # AdamW keeps two tensors the size of each trained weight
+    needed = model_bytes + ((cfg.keep_last + 1) * checkpoint if cfg.save_every else 0)
+    free = free_space(out)
+    if free < needed:
+        print(
+            f"warning: {out} has {size(free)} free, and this run may write up to {size(needed)} there "
+            f"({cfg.keep_last + 1 if cfg.save_every else 0} checkpoints of {size(checkpoint)} at once, the model's "
+            f"{size(model_bytes)}): it will stop when the disk is full",
+            file=sys.stderr,
+        )
 
 
 def tensor_bytes(state) -> int:

@@ -16,7 +16,7 @@ import torch
 
 from qwen_ft.collate import IGNORE_INDEX, Collator, assistant_labels
 from qwen_ft.samples import Sample, Samples
-from qwen_ft.stop import die_with_parent, ignore_signals
+from qwen_ft.stop import die_with_parent, ignore_signals, signals_deferred
 from qwen_ft.video import VideoPlan, clip_metadata
 
 CHUNK = 512  # samples templated and tokenized in one call
@@ -77,11 +77,14 @@ def measure(collator: Collator, samples: Samples, dist=None, processes: int | No
         global forked_with
         forked_with = collator, mine  # what the workers inherit: nothing is pickled but the counts
         context, parent = multiprocessing.get_context("fork"), os.getpid()
-        pool = ProcessPoolExecutor(min(processes, len(starts)), context, start_worker, initargs=(parent,))
+        with signals_deferred():  # the workers start at the first submission
+            pool = ProcessPoolExecutor(min(processes, len(starts)), context, start_worker, initargs=(parent,))
+            chunks = [pool.submit(count_in_worker, start) for start in starts]
         try:
-            counts = list(pool.map(count_in_worker, starts))
+            counts = [chunk.result() for chunk in chunks]  # where Ctrl-C and SIGTERM stop the count
         finally:
-            pool.shutdown(cancel_futures=True)  # after Ctrl-C, no chunk left queued
+            with signals_deferred():
+                pool.shutdown(cancel_futures=True)  # after Ctrl-C, no chunk left queued
             forked_with = None
     else:
         counts = [count(collator, mine[start : start + CHUNK]) for start in starts]

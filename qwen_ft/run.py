@@ -3,7 +3,7 @@ SIGINT handled (stop.py), and the faults that end a run from outside it, a peer 
 full disk, said in one line that names the newest checkpoint, instead of a traceback.
 
     with guarded_run(cfg.output_dir, dist) as stop:
-        ...  # the loop; stop.then = "stopping after this step, with a checkpoint" once it begins
+        ...  # the setup, then stop.begin("stopping after this step, with a checkpoint") and the loop
 """
 
 import contextlib

@@ -7,6 +7,7 @@ save finishes. A second one stops at once, without a checkpoint (exit code 128 +
 shell reports it). Worker processes leave both signals to the main process, and die with it.
 """
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -40,31 +41,61 @@ class Interrupted(KeyboardInterrupt):
 
 
 class StopSignal:
-    """Handles SIGTERM and SIGINT from its creation until restore(). `then` says what a first signal does:
-    None (until the loop begins) stops at once; a text ("stopping after this step, with a checkpoint")
-    notes it in `received`, for the loop to act on. `kept()` says what a run that stops at once keeps."""
+    """Handles SIGTERM and SIGINT from its creation until restore(). What a first signal does is set by
+    begin(then): until the loop begins it stops the run at once; after, it is noted in `received` for
+    the loop to act on, and `then` says what will happen. `kept()` says what a run stopped at once keeps."""
 
     def __init__(self, kept=lambda: "nothing was saved"):
-        self.kept, self.then, self.received = kept, None, False
+        self.kept, self.then, self.received, self.pending = kept, None, False, None
         self.previous = {sig: signal.signal(sig, self.handle) for sig in SIGNALS}
 
     def handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
         if self.then is None:
-            raise Interrupted(f"{name}: stopped before training began; nothing to save", signum)
-        if self.received:
-            raise Interrupted(f"{name} again: stopped at once; {self.kept()}", signum)
-        self.received = True
-        print(f"\n{name}: {self.then} (a second one stops at once)", file=sys.stderr, flush=True)
+            self.pending = Interrupted(f"{name}: stopped before training began; nothing to save", signum)
+        elif self.received:
+            self.pending = Interrupted(f"{name} again: stopped at once; {self.kept()}", signum)
+        else:
+            self.received = True
+            print(f"\n{name}: {self.then} (a second one stops at once)", file=sys.stderr, flush=True)
+            return
+        # Python runs a handler wherever the main thread is: in a fork's callbacks or a finalizer, the
+        # exception is printed and dropped. It is kept in `pending`, for begin() and requested() to raise.
+        raise self.pending
+
+    def begin(self, then: str) -> None:
+        """From now on a first signal is noted, and `then` happens (e.g. "stopping after this step, with a
+        checkpoint"); a signal whose stop at once was lost stops the run here."""
+        if self.pending:
+            raise self.pending
+        self.then = then
 
     def requested(self, dist: Dist) -> bool:
         """Whether any rank got a signal: they all stop at the same step."""
+        if self.pending:
+            raise self.pending
         flag = torch.tensor(float(self.received), device=dist.device)
         return bool(dist.all_reduce_sum(flag) > 0)
 
     def restore(self) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """SIGTERM and SIGINT are noted while the block runs and delivered (to the handler before) after it.
+    For code that starts or stops worker processes: an exception raised there by a handler is lost in
+    a fork's callbacks, or leaves a pool whose workers wait for work for ever."""
+    caught = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum)) for sig in SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum in caught:
+            signal.raise_signal(signum)
 
 
 def ignore_signals(worker_id: int = 0) -> None:

@@ -2,6 +2,7 @@
 signals in every phase, a dead peer and weights that stop being finite each end in one line, losing
 nothing but the steps since the last checkpoint."""
 
+import contextlib
 import errno
 import multiprocessing
 import os
@@ -18,7 +19,7 @@ import pytest
 import torch
 from helpers import qa, write_json
 from safetensors import SafetensorError
-from test_checkpoint import dataset, finish, flags, launch, rows, wait_for_steps
+from test_checkpoint import dataset, flags, kill_tree, launch, rows, wait_for_steps
 
 import finetune
 from qwen_ft import checkpoint, lengths, lock
@@ -30,7 +31,7 @@ from qwen_ft.dist import single_device
 from qwen_ft.stop import RunStopped
 
 REPO = Path(__file__).resolve().parent.parent
-SHORT = ["--max-steps", "8", "--save-every", "4"]  # checkpoints at steps 4 and 8
+SHORT = ["--max-steps", "4", "--save-every", "2", "--grad-accum", "1"]  # checkpoints at steps 2 and 4
 
 
 def main_exits(args: list[str]) -> int | str | None:
@@ -42,11 +43,23 @@ def main_exits(args: list[str]) -> int | str | None:
 
 @pytest.fixture(scope="module")
 def finished(tiny_model, tmp_path_factory) -> tuple[str, Path]:
-    """The data, and the output folder of a finished 8-step run with checkpoints at steps 4 and 8."""
+    """The data, and the output folder of a finished 4-step run with checkpoints at steps 2 and 4."""
     folder = tmp_path_factory.mktemp("finished")
     data = dataset(folder)
     finetune.train(parse_config(flags(tiny_model, data, folder / "out", *SHORT)), single_device())
     return data, folder / "out"
+
+
+def ended(process, timeout: float = 300) -> tuple[int, str, str]:
+    """The process's exit code and output; if it has not ended in time, it and its workers are killed
+    (nothing is left running) and the test fails."""
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(process)
+        out, err = process.communicate()
+        pytest.fail(f"still running after {timeout} s: {err[-3000:]}")
+    return process.returncode, out, err
 
 
 def copy_of(finished, tmp_path) -> Path:
@@ -124,20 +137,20 @@ def test_a_checkpoint_that_finds_the_disk_full_stops_in_one_line_and_keeps_the_l
 ):
     data = dataset(tmp_path)
     full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    failing(monkeypatch, checkpoint, "torch_save", full, lambda obj, path: "tmp-step-00000008" in str(path))
+    failing(monkeypatch, checkpoint, "torch_save", full, lambda obj, path: "tmp-step-00000004" in str(path))
     message = str(main_exits(flags(tiny_model, data, tmp_path / "out", *SHORT)))
     root = tmp_path / "out" / "checkpoints"
-    assert message.startswith(f"error: could not save checkpoint step-00000008 in {root}: no space left on device (")
-    assert "free, the save needs about 1" in message  # 7 MB of weights and 8 MB of optimizer state
-    assert message.endswith(f"the newest complete checkpoint is {root / 'step-00000004'}: run the same command "
+    assert message.startswith(f"error: could not save checkpoint step-00000004 in {root}: no space left on device (")
+    assert "free, the save needs about 1" in message  # 7 MB of weights and 8 MB of optimizer state: 15 MB
+    assert message.endswith(f"the newest complete checkpoint is {root / 'step-00000002'}: run the same command "
                             "with --resume to go on from it")  # fmt: skip
-    assert sorted(p.name for p in root.iterdir()) == ["step-00000004"]  # nothing half written
-    assert checkpoint.checkpoint_problem(root / "step-00000004", 1, lora=False) is None
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000002"]  # nothing half written
+    assert checkpoint.checkpoint_problem(root / "step-00000002", 1, lora=False) is None
 
 
 def test_a_final_save_on_a_full_disk_waits_for_room_and_otherwise_leaves_no_model(tmp_path, tiny_model, monkeypatch):
     data = dataset(tmp_path)
-    args = flags(tiny_model, data, tmp_path / "out", "--max-steps", "2", "--save-every", "0")
+    args = flags(tiny_model, data, tmp_path / "out", "--max-steps", "1", "--grad-accum", "1", "--save-every", "0")
     real_save, tries = checkpoint.save_model, []
 
     def full_twice(*args):  # as safetensors says it
@@ -160,6 +173,16 @@ def test_a_final_save_on_a_full_disk_waits_for_room_and_otherwise_leaves_no_mode
     assert not {"config.json", "model.safetensors", ".tmp-model"} & {p.name for p in (tmp_path / "lost").iterdir()}
 
 
+def test_a_run_warns_at_its_start_when_the_disk_cannot_hold_its_checkpoints(tmp_path, monkeypatch, capsys):
+    model = torch.nn.Linear(1000, 1000)  # 4 MB of weights, 8 MB of optimizer state
+    monkeypatch.setattr(checkpoint, "free_space", lambda folder: 10**6)
+    checkpoint.check_space(tmp_path, model, single_device(), parse_config([]))
+    assert capsys.readouterr().err == (
+        f"warning: {tmp_path} has 1.0 MB free, and this run may write up to 40.0 MB there (3 checkpoints of 12.0 MB "
+        "at once, the model's 4.0 MB): it will stop when the disk is full\n"
+    )
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 24 MB tmpfs: room for one checkpoint of the tiny model (15 MB), not two."""
@@ -173,15 +196,16 @@ def small_disk(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_real_full_disk(small_disk, tmp_path, tiny_model):
+def test_a_real_full_disk(small_disk, tmp_path, tiny_model, capsys):
     data = dataset(tmp_path)
     args = flags(tiny_model, data, small_disk / "out", *SHORT, "--full-disk-wait", "0")
     message = str(main_exits(args))
+    assert "it will stop when the disk is full" in capsys.readouterr().err  # said before the first step
     root = small_disk / "out" / "checkpoints"
-    assert message.startswith(f"error: could not save checkpoint step-00000008 in {root}: no space left on device")
-    assert f"the newest complete checkpoint is {root / 'step-00000004'}" in message
-    assert [p.name for p in root.iterdir()] == ["step-00000004"]
-    assert checkpoint.checkpoint_problem(root / "step-00000004", 1, lora=False) is None
+    assert message.startswith(f"error: could not save checkpoint step-00000004 in {root}: no space left on device")
+    assert f"the newest complete checkpoint is {root / 'step-00000002'}" in message
+    assert [p.name for p in root.iterdir()] == ["step-00000002"]
+    assert checkpoint.checkpoint_problem(root / "step-00000002", 1, lora=False) is None
 
     # The final save, with 3 MB left: less than the model's 7 MB.
     shutil.rmtree(root)
@@ -217,9 +241,9 @@ def damage(folder: Path, name: str, how: str) -> None:
 def test_resume_passes_over_a_damaged_checkpoint_to_the_one_before(tmp_path, finished, damaged, capsys):
     out = copy_of(finished, tmp_path)
     name, how, problem = DAMAGES[damaged]
-    newest = out / "checkpoints" / "step-00000008"
+    newest = out / "checkpoints" / "step-00000004"
     damage(newest, name, how)
-    assert find_checkpoint("latest", out, single_device(), lora=False) == out / "checkpoints" / "step-00000004"
+    assert find_checkpoint("latest", out, single_device(), lora=False) == out / "checkpoints" / "step-00000002"
     err = capsys.readouterr().err
     assert err.startswith(f"warning: checkpoint {newest} is damaged ({problem}")
     assert err.endswith("): trying the one before it\n") and err.count("\n") == 1
@@ -230,15 +254,15 @@ def test_resume_passes_over_a_damaged_checkpoint_to_the_one_before(tmp_path, fin
 
 def test_resume_says_what_is_wrong_when_no_checkpoint_will_do(tmp_path, finished, capsys):
     out = copy_of(finished, tmp_path)
-    damage(out / "checkpoints" / "step-00000008", "model.safetensors", "truncate")
-    damage(out / "checkpoints" / "step-00000004", "rng-0.pt", "remove")
+    damage(out / "checkpoints" / "step-00000004", "model.safetensors", "truncate")
+    damage(out / "checkpoints" / "step-00000002", "rng-0.pt", "remove")
     with pytest.raises(ConfigError) as error:
         find_checkpoint("latest", out, single_device(), lora=False)
     assert str(error.value) == (
-        f"--resume: {out / 'checkpoints'} holds no complete checkpoint (step-00000008: its model.safetensors is cut "
-        f"short ({(out / 'checkpoints' / 'step-00000008' / 'model.safetensors').stat().st_size:,} of "
-        f"{(finished[1] / 'checkpoints' / 'step-00000008' / 'model.safetensors').stat().st_size:,} bytes); "
-        "step-00000004: it has no rng-0.pt)"
+        f"--resume: {out / 'checkpoints'} holds no complete checkpoint (step-00000004: its model.safetensors is cut "
+        f"short ({(out / 'checkpoints' / 'step-00000004' / 'model.safetensors').stat().st_size:,} of "
+        f"{(finished[1] / 'checkpoints' / 'step-00000004' / 'model.safetensors').stat().st_size:,} bytes); "
+        "step-00000002: it has no rng-0.pt)"
     )
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2 and all(line.startswith("warning: checkpoint ") for line in err)
@@ -248,20 +272,20 @@ def test_a_checkpoint_of_fewer_processes_says_so_and_a_missing_rng_0_does_not(tm
     out = copy_of(finished, tmp_path)
     with pytest.raises(ConfigError, match="was written by 1 process and this run has 2: resume it with as many"):
         checkpoint.pick_checkpoint("latest", out, world_size=2, lora=False)
-    (out / "checkpoints" / "step-00000008" / "rng-0.pt").rename(out / "checkpoints" / "step-00000008" / "rng-1.pt")
-    assert checkpoint.checkpoint_problem(out / "checkpoints" / "step-00000008", 2, False) == "it has no rng-0.pt"
+    (out / "checkpoints" / "step-00000004" / "rng-0.pt").rename(out / "checkpoints" / "step-00000004" / "rng-1.pt")
+    assert checkpoint.checkpoint_problem(out / "checkpoints" / "step-00000004", 2, False) == "it has no rng-0.pt"
 
 
 def test_a_resume_past_a_damaged_checkpoint_equals_the_run_never_interrupted(tmp_path, tiny_model, finished, capsys):
     data, reference = finished
     out = copy_of(finished, tmp_path)
-    damage(out / "checkpoints" / "step-00000008", "state.pt", "truncate")
+    damage(out / "checkpoints" / "step-00000004", "state.pt", "truncate")
     finetune.train(parse_config(flags(tiny_model, data, out, *SHORT, "--resume")), single_device())
     said = capsys.readouterr()
-    assert f"warning: checkpoint {out / 'checkpoints' / 'step-00000008'} is damaged" in said.err
-    assert f"resuming from {out / 'checkpoints' / 'step-00000004'}" in said.out
+    assert f"warning: checkpoint {out / 'checkpoints' / 'step-00000004'} is damaged" in said.err
+    assert f"resuming from {out / 'checkpoints' / 'step-00000002'}" in said.out
     assert [r["loss"] for r in rows(out)] == [r["loss"] for r in rows(reference)]
-    assert checkpoint.checkpoint_problem(out / "checkpoints" / "step-00000008", 1, False) is None  # written anew
+    assert checkpoint.checkpoint_problem(out / "checkpoints" / "step-00000004", 1, False) is None  # written anew
 
 
 # 7. Signals in every phase
@@ -297,25 +321,26 @@ def test_a_signal_during_an_evaluation_with_workers_stops_after_it_with_a_checkp
     tmp_path, tiny_model, monkeypatch, capsys
 ):
     data = dataset(tmp_path)
-    args = flags(tiny_model, data, tmp_path / "out", "--eval-data", data, "--eval-every", "2", "--num-workers", "2")
-    # The baseline evaluation runs 3 batches; the 5th forward of an evaluation is in the one after step 2.
-    send_during(monkeypatch, finetune, "summed_loss", [signal.SIGTERM], nth=5 + 4, also_to_workers=True)
+    args = flags(tiny_model, data, tmp_path / "out", "--eval-data", data, "--eval-every", "1", "--num-workers", "2")
+    # The baseline evaluation runs 3 batches of 2 samples, then step 1 its 2 micro-batches: the 7th forward is
+    # the second of the evaluation after step 1.
+    send_during(monkeypatch, finetune, "summed_loss", [signal.SIGTERM], nth=3 + 2 + 2, also_to_workers=True)
     finetune.train(parse_config(args), single_device())
     said = capsys.readouterr()
     assert "SIGTERM: stopping after this step, with a checkpoint" in said.err
-    assert f"stopped after step 2, saved {tmp_path / 'out' / 'checkpoints' / 'step-00000002'}" in said.out
-    assert [p.name for p in complete_checkpoints(tmp_path / "out")] == ["step-00000002"]
+    assert f"stopped after step 1, saved {tmp_path / 'out' / 'checkpoints' / 'step-00000001'}" in said.out
+    assert [p.name for p in complete_checkpoints(tmp_path / "out")] == ["step-00000001"]
 
 
 def test_a_second_ctrl_c_stops_at_once_in_one_line(tmp_path, tiny_model, monkeypatch, capsys):
     data = dataset(tmp_path)
-    send_during(monkeypatch, finetune, "forward_backward", [signal.SIGINT, signal.SIGINT], nth=3)  # in step 3
-    code = main_exits(flags(tiny_model, data, tmp_path / "out", "--save-every", "2"))
+    send_during(monkeypatch, finetune, "forward_backward", [signal.SIGINT, signal.SIGINT], nth=2)  # in step 2
+    code = main_exits(flags(tiny_model, data, tmp_path / "out", "--save-every", "1", "--grad-accum", "1"))
     assert code == 130
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last == (
         f"SIGINT again: stopped at once; the newest complete checkpoint is "
-        f"{tmp_path / 'out' / 'checkpoints' / 'step-00000002'}: run the same command with --resume to go on from it"
+        f"{tmp_path / 'out' / 'checkpoints' / 'step-00000001'}: run the same command with --resume to go on from it"
     )
 
 
@@ -346,18 +371,28 @@ def test_the_token_counting_workers_die_with_their_parent(tmp_path, processor):
     assert not alive
 
 
+def forked_workers(process, count: int) -> list[psutil.Process]:
+    """The first `count` worker processes forked by the process (children running its own command line,
+    unlike the short-lived commands some libraries run as they are imported)."""
+    parent, deadline = psutil.Process(process.pid), time.monotonic() + 120
+    while time.monotonic() < deadline:
+        with contextlib.suppress(psutil.Error):
+            workers = [p for p in parent.children() if p.cmdline() == parent.cmdline()]
+            if len(workers) >= count:
+                return workers
+        assert process.poll() is None, "the run ended before its workers started"
+        time.sleep(0.02)
+    raise TimeoutError
+
+
 @pytest.mark.slow
 def test_sigterm_during_the_data_check_leaves_no_worker_behind(tmp_path, tiny_model):
     many = write_json(tmp_path / "many.json", [qa(None, f"What is {i} plus {i}?", str(2 * i)) for i in range(6000)])
     process = launch(flags(tiny_model, many, tmp_path / "out"))
-    deadline, workers = time.monotonic() + 120, []
-    while not workers and time.monotonic() < deadline:
-        workers = psutil.Process(process.pid).children()
-        time.sleep(0.05)
-    assert workers, "no token-counting workers were started"
+    workers = forked_workers(process, 2)
     process.send_signal(signal.SIGTERM)
-    code, _, err = finish(process)
-    assert code == 128 + signal.SIGTERM
+    code, _, err = ended(process)
+    assert code == 128 + signal.SIGTERM, err[-3000:]
     assert err.strip().splitlines()[-1] == "SIGTERM: stopped before training began; nothing to save"
     assert "Traceback" not in err
     gone, alive = psutil.wait_procs(workers, timeout=10)
@@ -373,7 +408,7 @@ def test_a_peer_that_dies_is_reported_as_that_with_the_newest_checkpoint(tmp_pat
     ranks = [p for p in agent.children(recursive=True) if "finetune_distributed.py" in " ".join(p.cmdline())]
     rank_1 = next(p for p in ranks if p.environ().get("RANK") == "1")
     rank_1.kill()
-    code, _, err = finish(process)
+    code, _, err = ended(process)
     assert code != 0
     newest = complete_checkpoints(tmp_path / "out")[-1]
     assert "error: rank 0: another process of this job ended" in err
@@ -383,17 +418,28 @@ def test_a_peer_that_dies_is_reported_as_that_with_the_newest_checkpoint(tmp_pat
 
 @pytest.mark.slow
 def test_two_processes_into_one_folder_under_torchrun_and_alone(tmp_path, tiny_model):
-    """The issue's case: a run started twice. The second stops at once, the first finishes untouched."""
+    """The issue's case: a run started twice. The second stops at once (alone, or every rank of a torchrun
+    job with one line), and the first goes on untouched: one metrics line per step, its checkpoints whole."""
     data = dataset(tmp_path)
-    first = launch(flags(tiny_model, data, tmp_path / "out", "--save-every", "2"))
-    wait_for_steps(first, tmp_path / "out", 2)
-    code, _, err = finish(launch(flags(tiny_model, data, tmp_path / "out")))
-    assert code == 1 and f"{tmp_path / 'out'} is in use by a run: pid {first.pid}" in err
-    code, _, err = finish(launch(flags(tiny_model, data, tmp_path / "out"), distributed=True))
-    assert code != 0 and err.count(f"error: {tmp_path / 'out'} is in use by a run: pid {first.pid}") == 1
-    code, _, err = finish(first)
+    first = launch(flags(tiny_model, data, tmp_path / "out", "--save-every", "2", "--max-steps", "100000"))
+    try:
+        wait_for_steps(first, tmp_path / "out", 2)
+        code, _, err = ended(launch(flags(tiny_model, data, tmp_path / "out")))
+        assert code == 1 and f"error: {tmp_path / 'out'} is in use by a run: pid {first.pid}" in err
+        code, _, err = ended(launch(flags(tiny_model, data, tmp_path / "out"), distributed=True))
+        assert code != 0 and err.count(f"error: {tmp_path / 'out'} is in use by a run: pid {first.pid}") == 1
+        assert first.poll() is None
+        first.send_signal(signal.SIGTERM)
+        code, out, err = ended(first)
+    finally:
+        if first.poll() is None:
+            kill_tree(first)
     assert code == 0, err[-2000:]
-    assert [r["step"] for r in rows(tmp_path / "out")] == list(range(1, 31))
+    stopped_at = len(rows(tmp_path / "out"))
+    assert [r["step"] for r in rows(tmp_path / "out")] == list(range(1, stopped_at + 1))
+    assert f"stopped after step {stopped_at}" in out
+    assert checkpoint.checkpoint_problem(complete_checkpoints(tmp_path / "out")[-1], 1, lora=False) is None
+    assert not (tmp_path / "out" / lock.LOCK_FILE).exists()  # removed by the run that held it
 
 
 # 11. Weights that are not finite
@@ -420,33 +466,41 @@ def test_numbers_out_of_range_are_usage_errors(flag, value, says, capsys):
     assert capsys.readouterr().err.strip().endswith(f"error: {says}")
 
 
-def test_weights_that_are_no_longer_finite_are_never_saved_and_the_stop_says_so(tmp_path, tiny_model, monkeypatch):
-    data = dataset(tmp_path)
+def overflow_at(monkeypatch, step: int) -> None:
+    """Make the update of this optimizer step overflow: the weights it leaves are infinite."""
     real, calls = finetune.forward_backward, []
 
-    def overflowing(model, *args):  # step 3's update overflows: its weights become infinite
+    def overflowing(model, *args):
         calls.append(1)
         result = real(model, *args)
-        if len(calls) == 3:
+        if len(calls) == step:
             next(p for p in model.parameters() if p.requires_grad).data.fill_(float("inf"))
         return result
 
     monkeypatch.setattr(finetune, "forward_backward", overflowing)
-    message = str(main_exits(flags(tiny_model, data, tmp_path / "out", "--max-steps", "4", "--save-every", "2")))
+
+
+def test_weights_that_are_no_longer_finite_are_never_saved_and_the_stop_says_so(tmp_path, tiny_model, monkeypatch):
+    data = dataset(tmp_path)
+    overflow_at(monkeypatch, 2)
+    message = str(main_exits(flags(tiny_model, data, tmp_path / "out", *SHORT, "--save-every", "1")))
     root = tmp_path / "out" / "checkpoints"
     assert message == (
-        "error: at step 4 some trained weights are no longer finite (an update overflowed: try a lower --lr), so "
-        f"checkpoint step-00000004 was not saved; the newest complete checkpoint is {root / 'step-00000002'}: run the "
+        "error: at step 2 some trained weights are no longer finite (an update overflowed: try a lower --lr), so "
+        f"checkpoint step-00000002 was not saved; the newest complete checkpoint is {root / 'step-00000001'}: run the "
         "same command with --resume to go on from it"
     )
-    assert [p.name for p in root.iterdir()] == ["step-00000002"]
-    weights = checkpoint.load_file(root / "step-00000002" / "model.safetensors")
+    assert [p.name for p in root.iterdir()] == ["step-00000001"]
+    weights = checkpoint.load_file(root / "step-00000001" / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in weights.values())
 
-    calls.clear()  # the guard against non-finite steps stops the run first, and says where finite weights are
-    message = str(main_exits(flags(tiny_model, data, tmp_path / "out2", "--max-steps", "4", "--max-bad-steps", "1")))
+
+def test_the_stop_after_non_finite_steps_says_whether_the_weights_are_finite(tmp_path, tiny_model, monkeypatch):
+    data = dataset(tmp_path)
+    overflow_at(monkeypatch, 1)
+    message = str(main_exits(flags(tiny_model, data, tmp_path / "out", *SHORT, "--max-bad-steps", "1")))
     assert message == (
-        "error: 1 steps in a row had a non-finite loss or gradient (up to step 4), and their updates were skipped, "
+        "error: 1 steps in a row had a non-finite loss or gradient (up to step 2), and their updates were skipped, "
         "but the weights were no longer finite already (an update overflowed); no checkpoint had been written. "
         "Try a lower --lr"
     )
