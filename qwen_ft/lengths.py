@@ -16,7 +16,7 @@ import torch
 
 from qwen_ft.collate import IGNORE_INDEX, Collator, assistant_labels
 from qwen_ft.samples import Sample, Samples
-from qwen_ft.stop import ignore_signals
+from qwen_ft.stop import die_with_parent, ignore_signals, signals_deferred
 from qwen_ft.video import VideoPlan, clip_metadata
 
 CHUNK = 512  # samples templated and tokenized in one call
@@ -76,11 +76,15 @@ def measure(collator: Collator, samples: Samples, dist=None, processes: int | No
     if processes > 1 and len(starts) > 1 and "fork" in multiprocessing.get_all_start_methods():
         global forked_with
         forked_with = collator, mine  # what the workers inherit: nothing is pickled but the counts
-        pool = ProcessPoolExecutor(min(processes, len(starts)), multiprocessing.get_context("fork"), start_worker)
+        context, parent = multiprocessing.get_context("fork"), os.getpid()
+        with signals_deferred():  # the workers start at the first submission
+            pool = ProcessPoolExecutor(min(processes, len(starts)), context, start_worker, initargs=(parent,))
+            chunks = [pool.submit(count_in_worker, start) for start in starts]
         try:
-            counts = list(pool.map(count_in_worker, starts))
+            counts = [chunk.result() for chunk in chunks]  # where Ctrl-C and SIGTERM stop the count
         finally:
-            pool.shutdown(cancel_futures=True)  # after Ctrl-C, no chunk left queued
+            with signals_deferred():
+                pool.shutdown(cancel_futures=True)  # after Ctrl-C, no chunk left queued
             forked_with = None
     else:
         counts = [count(collator, mine[start : start + CHUNK]) for start in starts]
@@ -129,8 +133,9 @@ def count_in_worker(start: int) -> np.ndarray:
     return count(collator, samples[start : start + CHUNK])
 
 
-def start_worker() -> None:
+def start_worker(parent: int) -> None:
     ignore_signals()  # Ctrl-C is the main process's to handle
+    die_with_parent(parent)  # and as it ignores SIGTERM, nothing else would end it once its parent is gone
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread each: the workers already use every core
 
 

@@ -276,7 +276,9 @@ def test_repeated_non_finite_steps_stop_the_run_and_keep_the_good_checkpoint(
     args = flags(tiny_model, data, tmp_path / "out", "--max-bad-steps", "3")
     with pytest.raises(SystemExit) as exit_info:
         finetune.main(args)
-    assert "3 steps in a row had a non-finite loss or gradient (up to step 8)" in str(exit_info.value.code)
+    message = str(exit_info.value.code)
+    assert "3 steps in a row had a non-finite loss or gradient (up to step 8)" in message
+    assert "so the weights are those of the last good step; the newest checkpoint, " in message
     assert len(rows(tmp_path / "out")) == 8
     kept = complete_checkpoints(tmp_path / "out")
     assert [p.name for p in kept] == ["step-00000004"]  # step 8 was bad: stopped, no checkpoint
