@@ -30,26 +30,29 @@ def command_line_answer(capsys, *flags) -> str:
     return capsys.readouterr().out.removesuffix("\n")
 
 
+def reply(text: str) -> dict:
+    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+
 def test_the_page_answers_as_the_command_line_beside_a_second_model_and_keeps_each_chat(tmp_path, family_model, capsys):
     image = str(tmp_path / picture(tmp_path, "a.png"))
     paths = {"fine-tuned": family_model("qwen2-vl"), "base": family_model("qwen3-vl")}
     models = {name: generate.Answerer(path, torch.device("cpu")) for name, path in paths.items()}
-    steps = list(demo.chat(models, QUESTION, [image], {name: [] for name in models}, 12, 0.0))
+    first = list(demo.chat(models, QUESTION, [image], {name: [] for name in models}, 12, 0.0))[-1]
     for name, path in paths.items():
         flags = ["--model", path, "--image", image, "--prompt", QUESTION, "--max-new-tokens", "12"]
-        expected = command_line_answer(capsys, *flags)
-        shown = list(dict.fromkeys(step[name][-1]["content"][0]["text"] for step in steps if len(step[name]) == 2))
-        assert shown[-1] == expected
-        assert len(shown) > 2 and all(expected.startswith(text.strip()) for text in shown)  # it streamed
-        assert steps[-1][name][0] == generate.user_message(QUESTION, [image])
+        assert first[name] == [generate.user_message(QUESTION, [image]), reply(command_line_answer(capsys, *flags))]
 
-    # The next question goes to each model with its own first turn: the answer is the one to the whole chat.
-    chats = list(demo.chat(models, "And its shape?", [], steps[-1], 12, 0.0))[-1]
+    # The answer streams: the streamer sends a piece per new token (empty while a word is unfinished).
+    pieces = list(demo.stream(models["base"], first["base"][:1], 12, 0.0))
+    assert len(pieces) > 3 and pieces[-1] == first["base"][1]["content"][0]["text"]
+
+    # The next question goes to each model after its own first turn, and is answered as the whole chat would be.
+    second = list(demo.chat(models, "And its shape?", [], first, 12, 0.0))[-1]
     for name, answerer in models.items():
-        chat = chats[name]
-        assert chat[:2] == steps[-1][name] and chat[2] == generate.user_message("And its shape?")
-        with_history, alone = answerer.answer([chat[:3]], 12)[0], answerer.answer([chat[2:3]], 12)[0]
-        assert chat[3]["content"][0]["text"] == with_history != alone
+        chat = [*first[name], generate.user_message("And its shape?")]
+        answer = generate.generate_answers(answerer.model, answerer.collator, [chat], max_new_tokens=12)[0]
+        assert second[name] == [*chat, reply(answer)]
 
 
 def test_without_gradio_the_page_says_how_to_install_it(tiny_model, monkeypatch):

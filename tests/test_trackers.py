@@ -181,9 +181,9 @@ def test_no_trackers_does_nothing(tmp_path):
 def resumed_run(tiny_model, tmp_path_factory) -> tuple[Path, list[list[dict]]]:
     """A tiny run reporting to every installed tracker, with eval records, that crashes in step 5 and resumes from
     its checkpoint at step 3: (its output folder, the metrics.jsonl lines of each of the two runs)."""
-    installed = [name for name in ("wandb", "swanlab", "trackio") if importlib.util.find_spec(name)]
+    installed = [name for name in ("tensorboard", "wandb", "swanlab", "trackio") if importlib.util.find_spec(name)]
     if not installed:
-        pytest.skip('wandb, swanlab and trackio are not installed (pip install "qwen-ft[trackers]")')
+        pytest.skip('no tracker is installed (pip install "qwen-ft[tensorboard,trackers]")')
     folder = tmp_path_factory.mktemp("trackers")
     data = write_json(folder / "data.json", [qa(picture(folder, f"{i}.png"), "Colour?", "red") for i in range(4)])
     out = folder / "out"
@@ -231,9 +231,11 @@ def by_step(lines: list[dict], first_wins=False) -> dict[int, dict]:
 
 
 def saved_state(out: Path, name: str) -> dict:
+    """What trackers.json keeps of the tracker's run (tensorboard: nothing)."""
     if importlib.util.find_spec(name) is None:
-        pytest.skip(f'{name} is not installed (pip install "qwen-ft[trackers]")')
-    return json.loads((out / "trackers.json").read_text())[name]
+        extra = "tensorboard" if name == "tensorboard" else "trackers"
+        pytest.skip(f'{name} is not installed (pip install "qwen-ft[{extra}]")')
+    return json.loads((out / "trackers.json").read_text()).get(name, {})
 
 
 def wandb_records(run_file: Path):
@@ -292,6 +294,14 @@ def swanlab_scalars(run_file: Path) -> tuple[list[tuple[str, str]], dict[int, di
             scalars.setdefault(record.scalar.step, {})[record.scalar.key] = record.scalar.value.number
     reader.close()
     return starts, scalars
+
+
+@pytest.mark.slow
+def test_tensorboard_keeps_every_record_at_its_step_the_resumed_run_replacing_the_steps_it_took_again(resumed_run):
+    out, runs = resumed_run
+    saved_state(out, "tensorboard")
+    kept = [line for line in runs[0] if line["step"] <= 3]  # up to the checkpoint; then the resumed run's
+    assert read_tensorboard(out / "tensorboard") == expected(kept + runs[1])
 
 
 @pytest.mark.slow
