@@ -87,9 +87,9 @@ def page(models: dict[str, Answerer], titles: dict[str, str]):
         empty = {name: [] for name in models}
         conversations = gr.State(empty)
         with gr.Row():
-            chats = [gr.Chatbot(label=name, elem_id=f"chat-{name}", height=460) for name in models]
+            chats = [gr.Chatbot(label=name, elem_id=f"chat-{name}", height=520, buttons=["copy"]) for name in models]
         question = gr.MultimodalTextbox(
-            file_types=["image", "video"], file_count="multiple", elem_id="question",
+            file_types=["image", "video"], file_count="multiple", elem_id="question", show_label=False,
             placeholder="Ask about an image or a video: attach them with the clip, type, press Enter",
         )  # fmt: skip
         with gr.Row():
