@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 from helpers import greedy_answer, picture, qa, transformers_model, write_json
@@ -123,3 +124,20 @@ def test_a_checkpoint_answers_as_the_final_output_of_the_same_step(tmp_path, tin
         with pytest.raises(SystemExit) as exit_info:
             generate.main(["--model", str(checkpoint), "--prompt", "Hi"])
         assert "holds a LoRA adapter" in str(exit_info.value.code) and "--adapter" in str(exit_info.value.code)
+
+
+def test_a_low_temperature_samples_the_greedy_answer_and_a_high_one_does_not(tmp_path, tiny_model):
+    """Sampling is over the whole distribution, even where the model's generation_config.json narrows it to the
+    top token as Qwen's do (top_k 1, top_p 0.001): temperature means what it says."""
+    model = shutil.copytree(tiny_model, tmp_path / "model")
+    config = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({**config, "do_sample": True, "top_k": 1, "top_p": 0.001}))
+    answerer = generate.Answerer(str(model), generate.torch.device("cpu"))
+    question = [[generate.user_message("How many corners does a triangle have?")]]
+    greedy = answerer.answer(question, max_new_tokens=16)
+    generate.torch.manual_seed(0)
+    assert answerer.answer(question, max_new_tokens=16, temperature=1e-3) == greedy
+    generate.torch.manual_seed(0)
+    assert answerer.answer(question, max_new_tokens=16, temperature=5.0) != greedy
+    with pytest.raises(SystemExit):  # --data scores greedy answers
+        generate.main(["--model", tiny_model, "--data", "data.json", "--temperature", "0.7"])
