@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from qwen_ft.batching import BatchPlan, check_token_budget
+from qwen_ft.checked_data import checked_samples
 from qwen_ft.checkpoint import (
     best_checkpoint,
     check_resume_config,
@@ -38,13 +39,10 @@ from qwen_ft.checkpoint import (
 )
 from qwen_ft.collate import IGNORE_INDEX, Collator
 from qwen_ft.config import Config, ConfigError, parse_config
-from qwen_ft.data import BadSample, DataError, describe, mix, read_samples
-from qwen_ft.data_index import index_folder, index_settings, load_index, save_index
+from qwen_ft.data import BadSample, DataError
 from qwen_ft.dist import Dist, single_device
 from qwen_ft.generate import answer_samples
-from qwen_ft.lengths import fit, measure
 from qwen_ft.lora import add_lora, quantization_config
-from qwen_ft.media_check import check_media
 from qwen_ft.model import (
     ModelUnavailable,
     cast_trainable,
@@ -56,7 +54,6 @@ from qwen_ft.model import (
 from qwen_ft.optim import make_optimizer, make_scheduler
 from qwen_ft.packing import real_tokens, rope_index_of
 from qwen_ft.report import run_summary, write_report
-from qwen_ft.samples import Samples
 from qwen_ft.stop import RunStopped, StopSignal, ignore_signals, out_of_memory
 from qwen_ft.trackers import open_trackers
 
@@ -170,25 +167,6 @@ def micro_batches(samples, plan: BatchPlan, collator: Collator, cfg: Config, sta
             generator=torch.Generator().manual_seed(cfg.seed),
         )
     )
-
-
-def checked_samples(spec: str, cfg: Config, collator: Collator, dist: Dist) -> Samples:
-    """The samples of --data (or --eval-data), checked (structure, media, length) and mixed by their sources'
-    weights; the first problems stop the run. What the data index holds for a source is not checked again."""
-    samples = read_samples(spec, special_tokens=collator.tokens.all_strings, **cfg.reading())
-    for line in describe(samples):
-        dist.print(line)
-    index, settings, full = index_folder(cfg.output_dir), index_settings(cfg, collator), cfg.check_media == "full"
-    unknown = sorted(set().union(*dist.all_gather_objects(load_index(index, samples, settings, full))))
-    # Each process checks and measures a share of what the index doesn't hold, and they exchange what they found.
-    check_media(samples.of_sources(unknown), cfg.video(), collator.video_factor, full, dist=dist)
-    measure(collator, samples.of_sources(unknown), dist)
-    if dist.is_main and unknown:
-        save_index(index, samples, settings, unknown, full)
-    samples = fit(samples, cfg.max_length, quiet=not dist.is_main)
-    if not samples:
-        raise DataError(f"{spec}: no sample fits in --max-length {cfg.max_length}")
-    return mix(samples, cfg.seed)
 
 
 def train(cfg: Config, dist: Dist):
