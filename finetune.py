@@ -51,7 +51,7 @@ from qwen_ft.model import (
     set_trainable,
     trainable_table,
 )
-from qwen_ft.optim import make_optimizer, make_scheduler
+from qwen_ft.optim import check_optimizer, make_optimizer, make_scheduler
 from qwen_ft.packing import real_tokens, rope_index_of
 from qwen_ft.report import run_summary, write_report
 from qwen_ft.stop import RunStopped, StopSignal, ignore_signals, out_of_memory
@@ -171,6 +171,7 @@ def micro_batches(samples, plan: BatchPlan, collator: Collator, cfg: Config, sta
 
 def train(cfg: Config, dist: Dist):
     out = Path(cfg.output_dir)
+    check_optimizer(cfg.optim, dist.device)
     resume_from = find_checkpoint(cfg.resume, out) if cfg.resume else None
     if resume_from:  # before anything loads: a config that can't resume exactly stops here
         changes = check_resume_config(resume_from, cfg)
@@ -219,7 +220,7 @@ def train(cfg: Config, dist: Dist):
 
     # Optimizer and schedule; the plan deals the micro-batches to the ranks (all of them, with one).
     part_lr = {"vision": cfg.vision_lr, "merger": cfg.merger_lr}
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, dist.device, part_lr)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, dist.device, part_lr, cfg.optim)
     lengths = tuple(samples.lengths.tolist())
     plan = BatchPlan(
         lengths, cfg.batch_size, cfg.max_tokens, cfg.packing, cfg.shuffle, cfg.seed, dist.rank, dist.world_size
