@@ -53,6 +53,7 @@ from qwen_ft.model import (
 )
 from qwen_ft.optim import check_optimizer, make_optimizer, make_scheduler
 from qwen_ft.packing import real_tokens, rope_index_of
+from qwen_ft.plan import run_prediction, summary_line
 from qwen_ft.report import run_summary, write_report
 from qwen_ft.stop import RunStopped, StopSignal, ignore_signals, out_of_memory
 from qwen_ft.trackers import open_trackers
@@ -214,6 +215,7 @@ def train(cfg: Config, dist: Dist):
     if cfg.precision == "bf16-mixed":
         cast_trainable(model, torch.float32)
     dist.print(trainable_table(model))
+    dist.print(summary_line(run_prediction(model, cfg, samples, collator, dist.world_size)))  # python -m qwen_ft.plan
     # DDP or FSDP in a distributed run; as it is in one process.
     model = dist.wrap(model, torch.float32 if cfg.precision == "fp32" else torch.bfloat16)
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -12,6 +12,7 @@ from qwen_ft.model import part_of
 
 # bitsandbytes quantizes its 8-bit states in blocks of this many values, each with its own fp32 scale.
 STATE_BLOCK = 256
+MIN_8BIT_SIZE = 4096  # bitsandbytes' default: smaller tensors keep fp32 states
 # Its CPU update dequantizes a tensor's states to fp32 as a whole (about 16 bytes a value at once: 3.7 GB
 # for a 2B model's embedding), so tensors larger than this are updated this many values at a time.
 CPU_SLICE = STATE_BLOCK * 4096
@@ -49,7 +50,7 @@ def make_optimizer(
         # The fused kernel updates every parameter in one pass; it exists for CUDA and the CPU.
         return torch.optim.AdamW(groups, lr=lr, fused=device.type in ("cuda", "cpu"))
     # bitsandbytes' own kernels (fused on CUDA); tensors under 4,096 values keep fp32 states.
-    return AdamW8bit(groups, lr=lr, is_paged=name == "paged-adamw8bit")
+    return AdamW8bit(groups, lr=lr, is_paged=name == "paged-adamw8bit", min_8bit_size=MIN_8BIT_SIZE)
 
 
 class AdamW8bit(bitsandbytes.optim.AdamW8bit):
