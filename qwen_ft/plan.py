@@ -390,7 +390,7 @@ def predict(setup: Setup, batch: MicroBatch, world_size: int = 1, fsdp: bool = F
             parts["vision tower"] + (gradients if carried else 0),
         ),
         "the backward's start": (
-            ["activations", "logits", "gradients" if carried else "output head's gradient"],
+            ["activations", "logits", *(["gradients"] if carried else ["output head's gradient"] if head_grad else [])],
             parts["activations"] + parts["logits"] + (gradients if carried else head_grad),
         ),
         "the backward's end": (["gradients"], gradients),
@@ -413,16 +413,17 @@ def vision_patches(samples, collator) -> np.ndarray:
     """Each sample's vision patches (before the 2x2 merge), from its media's sizes as found by the checks."""
     image_processor, video_processor = collator.processor.image_processor, collator.processor.video_processor
     rows, owners = samples.image_rows()
-    sizes = samples.table["image_sizes"][rows].tolist()
-    per_size = {size: image_processor.get_number_of_image_patches(*size) for size in map(tuple, set(map(tuple, sizes)))}
-    position_of = {int(position): i for i, position in enumerate(samples.order)}
+    sizes, of_size = np.unique(samples.table["image_sizes"][rows].reshape(-1, 2), axis=0, return_inverse=True)
+    per_size = np.array([image_processor.get_number_of_image_patches(int(h), int(w)) for h, w in sizes], np.int64)
+    index_of = np.full(len(samples.table["length"]), -1, np.int64)  # a position (as read) -> its index in the view
+    index_of[samples.order] = np.arange(len(samples))
     patches = np.zeros(len(samples), np.int64)
-    np.add.at(patches, [position_of[int(o)] for o in owners], [per_size[tuple(size)] for size in sizes])
+    np.add.at(patches, index_of[owners], per_size[of_size.reshape(-1)] if len(sizes) else 0)
+    side, frames_per_patch = video_processor.patch_size, video_processor.temporal_patch_size
     for position, plans in samples.video_plans.items():
-        if position in position_of:
-            side = video_processor.patch_size
-            patches[position_of[position]] += sum(
-                p.frames // video_processor.temporal_patch_size * (p.height // side) * (p.width // side) for p in plans
+        if index_of[position] >= 0:
+            patches[index_of[position]] += sum(
+                p.frames // frames_per_patch * (p.height // side) * (p.width // side) for p in plans
             )
     return patches
 
@@ -510,6 +511,7 @@ class Planner:
             prediction = self.predict(replace(cfg, max_tokens=budget), model=model)
             if prediction.peak_bytes <= usable or budget == longest:
                 tried.append((f"--max-tokens {budget}", prediction))
+                break
         if cfg.optim == "adamw":
             tried.append(("--optim adamw8bit", self.predict(replace(cfg, optim="adamw8bit"))))
         if not cfg.lora:

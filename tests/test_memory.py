@@ -8,7 +8,7 @@ import json
 import bitsandbytes
 import pytest
 import torch
-from helpers import assert_same_step, collate, loop_step, picture, qa, write_json
+from helpers import assert_same_step, clip, collate, loop_step, picture, qa, video_qa, write_json
 from test_bench import PUBLISHED
 
 import finetune
@@ -20,7 +20,7 @@ from qwen_ft.lora import add_lora, quantization_config
 from qwen_ft.media_check import check_media
 from qwen_ft.model import cast_trainable, load_model, one_tied_gradient, set_trainable
 from qwen_ft.plan import main as plan_main
-from qwen_ft.plan import plan_model, setup_of
+from qwen_ft.plan import plan_model, setup_of, vision_patches
 from qwen_ft.tiny import FAMILIES
 
 
@@ -179,3 +179,18 @@ def test_the_plan_as_json_and_what_fits_instead(tmp_path, tiny_model, capsys):
     plan_main(flags)  # the table
     table = capsys.readouterr().out
     assert "peak" in table and "with --gradient-checkpointing" in table and "fits" in table
+
+
+@pytest.mark.parametrize("family", ["qwen2-vl", "qwen3-vl"])  # patches of 14 and of 16 pixels
+def test_the_plans_vision_patches_are_those_the_collator_gives_the_vision_tower(tmp_path, family_processor, family):
+    image = picture(tmp_path, "a.png", size=(150, 90))
+    samples = [qa(image, "Colour?", "red"), video_qa(clip(tmp_path)), qa(None, "Hi", "hi")]
+    data = write_json(tmp_path / "data.json", samples)
+    collator = Collator(family_processor(family), max_length=4096)
+    samples = read_samples(data, special_tokens=collator.tokens.all_strings)
+    check_media(samples, factor=collator.video_factor)
+    patches = [
+        sum(batch[key].shape[0] for key in ("pixel_values", "pixel_values_videos") if key in batch)
+        for batch in (collate(collator, samples[i : i + 1]) for i in range(len(samples)))
+    ]
+    assert vision_patches(samples, collator).tolist() == patches and 0 not in patches[:2]
