@@ -7,7 +7,8 @@ On compare_trl.py's model (Qwen2-VL with the 2B model's widths, 4 LLM layers, ra
 2 frames/s: 2,048 video tokens), it runs each case twice: the plan's prediction (--json), and the run
 itself under bench/memory_profile.py, whose peak of live tensors is what the plan predicts (on a GPU the
 same as torch.cuda.max_memory_allocated). It prints a row per case for docs/BENCHMARKS.md: predicted,
-measured, and their ratio (the goal: within 20%). Each case is a subprocess of its own.
+measured, and their ratio (the goal: within 20%). Each case is a subprocess of its own; fp32 on the CPU,
+bf16-mixed on a GPU.
 """
 
 import argparse
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
@@ -31,7 +33,7 @@ from compare_trl import build_model, device_name, write_data  # noqa: E402
 GIB = 2**30
 IMAGE = ["--min-pixels", "200704", "--max-pixels", "200704"]  # 448x448: 256 image tokens, as compare_trl.py
 VIDEO = ["--video-fps", "2", "--video-max-pixels", "200704"]  # and the default budget: at most 2,048 tokens
-COMMON = ["--precision", "fp32", "--batch-size", "1", "--grad-accum", "1", "--no-shuffle", "--num-workers", "0"]
+COMMON = ["--batch-size", "1", "--grad-accum", "1", "--no-shuffle", "--num-workers", "0"]
 CASES = {
     "full": IMAGE,
     "lora": [*IMAGE, "--lora"],
@@ -80,6 +82,8 @@ def main() -> None:
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma list of {', '.join(CASES)}")
+    parser.add_argument("--precision", default="fp32" if not torch.cuda.is_available() else "bf16-mixed",
+                        help="finetune.py's --precision (fp32 on the CPU, bf16-mixed on a GPU)")  # fmt: skip
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "qwen-ft-compare-trl",
                         help="where the model (built once) and the data go (compare_trl.py's by default)")  # fmt: skip
     args = parser.parse_args()
@@ -92,7 +96,7 @@ def main() -> None:
     rows = []
     for case in cases:
         data = video_data if case.startswith("video") else image_data
-        flags = ["--model", str(model), "--data", str(data), *COMMON, *CASES[case]]
+        flags = ["--model", str(model), "--data", str(data), "--precision", args.precision, *COMMON, *CASES[case]]
         out = tempfile.mkdtemp(prefix="qwen-ft-plan-")
         plan = json.loads(run([sys.executable, "-m", "qwen_ft.plan", *flags, "--output-dir", out, "--json"]))
         profile = run([sys.executable, "bench/memory_profile.py", "--steps", "2", "--", *flags])
