@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from qwen_ft.batching import BatchPlan, check_token_budget
+from qwen_ft.checked_data import checked_samples
 from qwen_ft.checkpoint import (
     best_checkpoint,
     check_resume_config,
@@ -41,13 +42,10 @@ from qwen_ft.checkpoint import (
 )
 from qwen_ft.collate import IGNORE_INDEX, Collator
 from qwen_ft.config import Config, ConfigError, parse_config
-from qwen_ft.data import BadSample, DataError, describe, mix, read_samples
-from qwen_ft.data_index import index_folder, index_settings, load_index, save_index
+from qwen_ft.data import BadSample, DataError
 from qwen_ft.dist import Dist, single_device
 from qwen_ft.generate import answer_samples
-from qwen_ft.lengths import fit, measure
 from qwen_ft.lora import add_lora, quantization_config
-from qwen_ft.media_check import check_media
 from qwen_ft.model import (
     ModelUnavailable,
     cast_trainable,
@@ -56,11 +54,11 @@ from qwen_ft.model import (
     set_trainable,
     trainable_table,
 )
-from qwen_ft.optim import make_optimizer, make_scheduler
+from qwen_ft.optim import check_optimizer, make_optimizer, make_scheduler
 from qwen_ft.packing import real_tokens, rope_index_of
+from qwen_ft.plan import run_prediction, summary_line
 from qwen_ft.report import run_summary, write_report
 from qwen_ft.run import guarded_run
-from qwen_ft.samples import Samples
 from qwen_ft.stop import RunStopped, StopSignal, ignore_signals, out_of_memory, signals_deferred
 from qwen_ft.trackers import open_trackers
 
@@ -180,27 +178,6 @@ def micro_batches(samples, plan: BatchPlan, collator: Collator, cfg: Config, sta
         )
 
 
-def checked_samples(spec: str, cfg: Config, collator: Collator, dist: Dist) -> Samples:
-    """The samples of --data (or --eval-data), checked (structure, media, length) and mixed by their sources'
-    weights; the first problems stop the run. What the data index holds for a source is not checked again."""
-    samples = read_samples(spec, special_tokens=collator.tokens.all_strings, **cfg.reading())
-    for line in describe(samples):
-        dist.print(line)
-    index, settings, full = index_folder(cfg.output_dir), index_settings(cfg, collator), cfg.check_media == "full"
-    unknown = sorted(set().union(*dist.all_gather_objects(load_index(index, samples, settings, full))))
-    # Each process checks and measures a share of what the index doesn't hold, and they exchange what they found.
-    check_media(
-        samples.of_sources(unknown), cfg.video(), collator.video_factor, full, dist=dist, max_pixels=cfg.max_pixels
-    )
-    measure(collator, samples.of_sources(unknown), dist)
-    if dist.is_main and unknown:
-        save_index(index, samples, settings, unknown, full)
-    samples = fit(samples, cfg.max_length, quiet=not dist.is_main)
-    if not samples:
-        raise DataError(f"{spec}: no sample fits in --max-length {cfg.max_length}")
-    return mix(samples, cfg.seed)
-
-
 def train(cfg: Config, dist: Dist):
     """Fine-tune as cfg says (in each process of a torchrun job): fine_tune below, with the output folder
     locked against a second run, and signals, a peer's death and a full disk stopping it cleanly."""
@@ -210,6 +187,7 @@ def train(cfg: Config, dist: Dist):
 
 def fine_tune(cfg: Config, dist: Dist, stop: StopSignal):
     out = Path(cfg.output_dir)
+    check_optimizer(cfg.optim, dist.device)
     # Each checkpoint is checked (every file there, none cut short) before anything loads.
     resume_from = find_checkpoint(cfg.resume, out, dist, cfg.lora) if cfg.resume else None
     if resume_from:  # before anything loads: a config that can't resume exactly stops here
@@ -253,13 +231,14 @@ def fine_tune(cfg: Config, dist: Dist, stop: StopSignal):
     if cfg.precision == "bf16-mixed":
         cast_trainable(model, torch.float32)
     dist.print(trainable_table(model))
+    dist.print(summary_line(run_prediction(model, cfg, samples, collator, dist.world_size)))  # python -m qwen_ft.plan
     # DDP or FSDP in a distributed run; as it is in one process.
     model = dist.wrap(model, torch.float32 if cfg.precision == "fp32" else torch.bfloat16)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     # Optimizer and schedule; the plan deals the micro-batches to the ranks (all of them, with one).
     part_lr = {"vision": cfg.vision_lr, "merger": cfg.merger_lr}
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, dist.device, part_lr)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, dist.device, part_lr, cfg.optim)
     lengths = tuple(samples.lengths.tolist())
     plan = BatchPlan(
         lengths, cfg.batch_size, cfg.max_tokens, cfg.packing, cfg.shuffle, cfg.seed, dist.rank, dist.world_size

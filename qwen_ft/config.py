@@ -15,6 +15,7 @@ from qwen_ft.trackers import TRACKERS
 from qwen_ft.video import VideoSettings
 
 PRECISIONS = ("bf16-mixed", "bf16", "fp32")
+OPTIMIZERS = ("adamw", "adamw8bit", "paged-adamw8bit")
 
 
 class ConfigError(Exception):
@@ -84,6 +85,12 @@ class Config:
     merger_lr: float | None = option(None, "peak learning rate of the merger trained in full (default: --lr)")
     warmup_steps: int = option(10, "optimizer steps of linear learning-rate warm-up")
     weight_decay: float = option(0.0, "AdamW weight decay (never applied to biases and norms)")
+    optim: str = option(
+        "adamw",
+        "adamw: torch's AdamW; adamw8bit: bitsandbytes' AdamW with 8-bit states (a quarter of the memory); "
+        "paged-adamw8bit: the same, paged to CPU memory when the GPU's runs short (CUDA only)",
+        choices=OPTIMIZERS,
+    )
     max_grad_norm: float = option(1.0, "clip the gradient norm to this (0 turns clipping off)")
 
     # What trains and how

@@ -3,9 +3,11 @@
 import json
 import socket
 import urllib.parse
+from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.errors import HFValidationError
@@ -211,9 +213,68 @@ def part_of(name: str) -> str:
 
 
 def set_trainable(model, frozen: dict[str, bool]) -> None:
-    """requires_grad on every parameter of each part that isn't frozen ({"vision": True, ...})."""
+    """requires_grad on every parameter of each part that isn't frozen ({"vision": True, ...}); a trained
+    weight that the input embedding and the output head share gets one gradient (one_tied_gradient)."""
     for name, param in model.named_parameters():
         param.requires_grad_(not frozen[part_of(name)])
+    one_tied_gradient(model)
+
+
+def one_tied_gradient(model) -> bool:
+    """Make a tied embedding/output-head weight that trains hold one full-size gradient, not three.
+
+    Where the two share a weight (tie_word_embeddings: Qwen2-VL-2B, Qwen2.5-VL-3B, Qwen3-VL-2B and 4B),
+    autograd holds the head's gradient of it (vocab x hidden: 0.87 GiB in fp32 for the 2B) from the start
+    of the backward pass until the embedding's, as large, arrives at its end, and sums the two into a
+    third. Here the head adds its gradient straight into weight.grad (TiedHead), and the embedding's
+    lookup gives a sparse gradient (the rows of the micro-batch's tokens), which autograd adds into it in
+    place. The embedding's gradient is the one autograd delivers, last, so hooks on the weight's
+    gradient (DDP's reduction) see the sum. Returns whether the model has such a weight.
+    """
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is None or embedding.weight is not head.weight or not head.weight.requires_grad:
+        return False
+    # The modules stay as they are (their names, weights and saving); only what their forward computes
+    # with changes. nn.Embedding's own `sparse` flag is left off: DDP would then expect a sparse .grad.
+    embedding.forward = partial(sparse_lookup, embedding)
+    head.forward = partial(tied_head, head)
+    return True
+
+
+def sparse_lookup(embedding: torch.nn.Embedding, input_ids: torch.Tensor) -> torch.Tensor:
+    e = embedding
+    return F.embedding(input_ids, e.weight, e.padding_idx, e.max_norm, e.norm_type, e.scale_grad_by_freq, sparse=True)
+
+
+def tied_head(head: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    return TiedHead.apply(hidden, head.weight)
+
+
+class TiedHead(torch.autograd.Function):
+    """hidden @ weight.T, whose backward adds weight's gradient into weight.grad itself (addmm_, in place
+    once there is one) and hands autograd none; the gradient of hidden goes back as usual."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight):
+        ctx.save_for_backward(hidden, weight)
+        return F.linear(hidden, weight)  # under autocast in its dtype, as nn.Linear would
+
+    @staticmethod
+    def backward(ctx, grad_logits):
+        hidden, weight = ctx.saved_tensors
+        # Under autocast the forward computed in grad_logits' dtype: the gradients are computed in it too,
+        # then cast to the tensors' own dtypes, as autograd does through autocast's casts.
+        compute = grad_logits.dtype
+        grad_hidden = (grad_logits @ weight.to(compute)).to(hidden.dtype)
+        rows, columns = grad_logits.reshape(-1, grad_logits.shape[-1]), hidden.reshape(-1, hidden.shape[-1])
+        columns = columns.to(compute)
+        if weight.grad is None:
+            weight.grad = (rows.T @ columns).to(weight.dtype)
+        elif compute == weight.grad.dtype:
+            weight.grad.addmm_(rows.T, columns)
+        else:
+            weight.grad.add_(rows.T @ columns)
+        return grad_hidden, None
 
 
 def cast_trainable(model, dtype: torch.dtype) -> None:
