@@ -308,11 +308,10 @@ def render_content(parts: list, image_sizes, family, resize: Resize) -> list[dic
                 end = j + 1
             elif not blank(parts[j]):
                 break
-        before = out[-1] if out else None
-        after = parts[end] if end < len(parts) else None
-        own_lines = (before is None or before["type"] != "text" or before["text"].rstrip(" \t").endswith("\n")) and (
-            after is None or after["type"] != "text" or after["text"].lstrip(" \t").startswith("\n")
-        )
+        # On lines of its own: nothing but media or the message's edge, or a line break, on either side.
+        before = out[-1]["text"].rstrip(" \t") if out and out[-1]["type"] == "text" else ""
+        after = parts[end]["text"].lstrip(" \t") if end < len(parts) and parts[end]["type"] == "text" else ""
+        own_lines = before in ("", before.rstrip("\n") + "\n") and after in ("", "\n" + after.lstrip("\n"))
         if family.box_form == "json" and own_lines:
             objects = [json_object(*written(p)) for p in parts[i:end] if p["type"] in LOCATED]
             out.append({"type": "text", "text": "```json\n[\n\t" + ",\n\t".join(objects) + "\n]\n```"})
