@@ -7,9 +7,12 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 from transformers.video_utils import VideoMetadata
 
+from qwen_ft import grounding
 from qwen_ft.config import ConfigError
+from qwen_ft.families import family_of_processor
 from qwen_ft.media import MediaError, hide_pil_size_warning, load_image
 from qwen_ft.packing import pack
 from qwen_ft.samples import Sample
@@ -121,6 +124,19 @@ class Collator:
         # models know. transformers 5 expands the <|video_pad|> alone, keeping the template's pair around all the
         # frames; texts() drops that pair.
         self.frames_in_own_pairs = writes_frame_pairs(processor)
+        self.family = family_of_processor(processor)  # how it writes boxes and points (grounding.py)
+
+    def resized(self, height: int, width: int) -> tuple[int, int]:
+        """An image's (height, width) as the image processor resizes it: Qwen's smart resize with its settings."""
+        image_processor = self.processor.image_processor
+        factor = image_processor.patch_size * image_processor.merge_size
+        size = image_processor.size
+        return smart_resize(height, width, factor, min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])
+
+    def render(self, conversation: list[dict], image_sizes: list[tuple[int, int]]) -> list[dict]:
+        """The conversation with its boxes and points written as this model's family writes them, for images of
+        these (height, width) sizes, in the numbers the model sees after the resize (grounding.py)."""
+        return grounding.render(conversation, image_sizes, self.family, self.resized)
 
     def texts(self, conversations: list[list[dict]], generation_prompt: bool = False) -> list[str]:
         """The chat template's text of each conversation: one call for all, which pays the template's set-up once."""
@@ -140,8 +156,9 @@ class Collator:
 
     def process(self, conversations: list[list[dict]], generation_prompt=False, padding_side="right", media=None):
         """The processor's batch for these conversations, with their media (loaded here unless given)."""
-        texts = self.texts(conversations, generation_prompt)
         media = media if media is not None else [self.media(c) for c in conversations]
+        sizes = [[(image.height, image.width) for image in images] for images, _ in media]
+        texts = self.texts([self.render(c, s) for c, s in zip(conversations, sizes)], generation_prompt)
         images = [image for sample_images, _ in media for image in sample_images]
         videos = [video for _, sample_videos in media for video in sample_videos]
         batch = self.processor(

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qwen_ft import hf_datasets
+from qwen_ft import grounding, hf_datasets
 from qwen_ft.formats import AUDIO_PARTS, AUDIO_PLACEHOLDER, CONTENT_KEYS, FORMATS, NO_AUDIO, formats_of, to_messages
 from qwen_ft.media import MediaError, is_url, resolve, shorten
 from qwen_ft.samples import SampleBuilder, Samples, Source, where
@@ -186,6 +186,8 @@ def normalise_part(part, resolve_ref, special_tokens: tuple[str, ...]) -> dict:
                     f"sample an '{kind}s' list (LLaMA-Factory's format)"
                 )
         return {"type": "text", "text": text}
+    if kind in grounding.PARTS:  # a box, point or referring expression
+        return grounding.normalise_part(part, kind, special_tokens)
     if kind in MEDIA_TYPES:
         ref = next((part[k] for k in (kind, *MEDIA_KEYS) if part.get(k) is not None), None)
         if kind == "image" and not isinstance(ref, str):
@@ -200,7 +202,8 @@ def normalise_part(part, resolve_ref, special_tokens: tuple[str, ...]) -> dict:
         except MediaError as e:
             raise ValueError(f"{kind} {e}") from None
         return {**part, "type": kind, kind: resolved}
-    raise ValueError(f"unknown content type {part.get('type')!r} (expected text or {' or '.join(MEDIA_TYPES)})")
+    known = ", ".join(("text", *MEDIA_TYPES, *grounding.PARTS))
+    raise ValueError(f"unknown content type {part.get('type')!r} (expected one of {known})")
 
 
 def check_sample(record: dict, resolve_ref, special_tokens: tuple[str, ...], require_answer: bool = True) -> list[dict]:
@@ -232,13 +235,14 @@ def check_sample(record: dict, resolve_ref, special_tokens: tuple[str, ...], req
         size += sum(len(value) for part in parts for value in part.values() if isinstance(value, str))
         if size > MAX_SAMPLE_CHARS:
             raise ValueError(f"its texts and media references are {too_large()}")
-        if role != "user" and any(part["type"] != "text" for part in parts):
+        if role != "user" and any(part["type"] in MEDIA_TYPES for part in parts):
             raise ValueError(f"message {number} ({role}) has media; images and videos belong in user messages")
         messages.append({"role": role, "content": parts})
     if not any(m["role"] == "user" for m in messages):
         raise ValueError("no user message")
     if require_answer and not any(m["role"] == "assistant" for m in messages):
         raise ValueError("no assistant message, so nothing to train on")
+    grounding.check_images(messages)
     return messages
 
 

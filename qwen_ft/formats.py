@@ -18,6 +18,8 @@ stood, in order. The messages then go through the same checks whatever the forma
 
 import re
 
+from qwen_ft.grounding import place_objects
+
 FORMATS = ("messages", "sharegpt", "llava", "trl", "qwen-vl", "qa")  # detection prefers the earlier of equals
 MEDIA_KINDS = ("image", "video")
 # The names a turn's speaker goes by, in each format's words.
@@ -28,7 +30,7 @@ QWEN_VL_IMAGE = re.compile(r"<img>(.*?)</img>", re.DOTALL)
 # The sample keys each format reads ("id" only names a sample, in every format).
 FORMAT_KEYS = {
     "messages": ("messages",),
-    "sharegpt": ("conversations", "messages", "system", "images", "videos"),
+    "sharegpt": ("conversations", "messages", "system", "images", "videos", "objects"),  # objects: ms-swift's boxes
     "llava": ("conversations", "image", "video"),
     "trl": ("messages", "images", "videos"),
     "qwen-vl": ("conversations",),
@@ -108,6 +110,8 @@ def to_messages(record: dict, data_format: str) -> dict:
         messages = conversation(record.get(key), key, media, data_format)
         if data_format == "sharegpt" and record.get("system") is not None:
             messages.insert(0, {"role": "system", "content": record["system"]})
+        if data_format == "sharegpt" and record.get("objects") is not None:  # ms-swift's <ref-object> and <bbox>
+            messages = place_objects(messages, record["objects"])
     return {**sample, "messages": messages}
 
 

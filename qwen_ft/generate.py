@@ -5,7 +5,8 @@
 
 Decoding is greedy (--temperature above 0 samples) and stops at <|im_end|>. With --data, each sample is
 cut after its last user message, the answer is compared with the assistant message that followed it,
-and the exact-match accuracy is printed. The chat page, python -m qwen_ft.demo, answers with this code.
+and the exact-match accuracy is printed; where that message holds boxes or points, the answer's are read
+back and scored too (IoU: grounding.scores). The chat page, python -m qwen_ft.demo, answers with this code.
 """
 
 import argparse
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from qwen_ft import grounding
 from qwen_ft.collate import Collator
 from qwen_ft.config import Config
 from qwen_ft.data import DataError, parse_columns, read_samples
@@ -27,12 +29,22 @@ from qwen_ft.model import ModelUnavailable, has_processor, load_model, load_proc
 from qwen_ft.samples import Sample, Samples
 
 
-def question_and_reference(sample: Sample) -> tuple[list[dict], str | None]:
-    """The messages up to the last user message, and the assistant text that answered it (if any)."""
+def question_and_reference(sample: Sample, collator: Collator | None = None) -> tuple[list[dict], str | None]:
+    """The messages up to the last user message, and the assistant text that answered it (if any). With the
+    collator, its boxes and points are written as the collator's model writes them, and read as a decoded
+    answer reads (grounding.as_decoded: without Qwen2-VL's grounding tokens)."""
     last_user = max(i for i, m in enumerate(sample.messages) if m["role"] == "user")
-    answer = sample.messages[last_user + 1] if last_user + 1 < len(sample.messages) else None
+    answer = answer_of(sample)
+    if answer and collator:
+        answer = collator.render([answer], sample.image_sizes)[0]
     reference = "".join(p["text"] for p in answer["content"] if p["type"] == "text") if answer else None
-    return sample.messages[: last_user + 1], reference
+    return sample.messages[: last_user + 1], grounding.as_decoded(reference) if reference is not None else None
+
+
+def answer_of(sample: Sample) -> dict | None:
+    """The assistant message after the last user message, if any."""
+    last_user = max(i for i, m in enumerate(sample.messages) if m["role"] == "user")
+    return sample.messages[last_user + 1] if last_user + 1 < len(sample.messages) else None
 
 
 def user_message(text: str, images: list[str] = (), videos: list[str] = ()) -> dict:
@@ -107,27 +119,42 @@ def generate_answers(
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
-def score(prediction: str, reference: str) -> dict[str, float]:
-    """How well one answer matches its reference. Exact match is built in; add your own metrics here (each key
-    is averaged over the samples, printed by this tool and logged as eval_KEY by finetune.py --eval-generate)."""
-    return {"exact_match": float(prediction == reference.strip())}
+def score(prediction: str, reference: str, boxes: grounding.Reference | None = None) -> dict[str, float]:
+    """How well one answer matches its reference. Exact match is built in, and where the reference has boxes or
+    points (boxes), the IoU of the answer's (grounding.scores: iou, iou50, point_in_box, point_distance). Add your
+    own metrics here: each key is averaged over the samples that have it, printed by this tool and logged as
+    eval_KEY by finetune.py --eval-generate."""
+    located = grounding.scores(prediction, boxes) if boxes else {}
+    return {"exact_match": float(prediction == reference.strip()), **located}
 
 
 def answer_samples(model, collator: Collator, samples: Samples, batch_size: int, max_new_tokens: int):
     """{index, prediction, reference, and score()'s keys when there is a reference} for each sample, and the
-    mean of each score over the samples with a reference."""
+    mean of each score over the samples that have it."""
     results = []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
-        questions, references = zip(*(question_and_reference(s) for s in chunk))
+        questions, references = zip(*(question_and_reference(s, collator) for s in chunk))
         predictions = generate_answers(model, collator, list(questions), max_new_tokens)
         for sample, prediction, reference in zip(chunk, predictions, references):
-            scores = score(prediction, reference) if reference is not None else {}
+            boxes = grounding.reference(answer_of(sample), sample.image_sizes, collator.family, collator.resized)
+            scores = score(prediction, reference, boxes) if reference is not None else {}
             results.append({"index": sample.index, "prediction": prediction, "reference": reference, **scores})
-    scored = [r for r in results if r["reference"] is not None]
-    keys = score("", "") if scored else {}
-    means = {key: sum(r[key] for r in scored) / len(scored) for key in keys}
+    keys = dict.fromkeys(key for r in results for key in r if key not in ("index", "prediction", "reference"))
+    means = {key: sum(r[key] for r in results if key in r) / sum(key in r for r in results) for key in keys}
     return results, means
+
+
+def summary(key: str, mean: float, count: int) -> str:
+    """A printed line for one score: a count for shares of samples, a mean for the rest."""
+    name = key.replace("_", " ")
+    if key == "exact_match":
+        return f"{name}: {round(mean * count)}/{count} = {mean:.1%}"
+    if key == "point_distance":
+        return f"{name}: {mean:.1f} px (mean over {count} samples)"
+    if key == "iou":
+        return f"{name}: {mean:.3f} (mean over {count} samples with boxes)"
+    return f"{name}: {mean:.1%} (mean over {count} samples)"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -173,9 +200,8 @@ def main(argv: list[str] | None = None) -> None:
     results, means = answer_samples(answerer.model, collator, samples, args.batch_size, args.max_new_tokens)
     if args.out:
         Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in results))
-    scored = sum(r["reference"] is not None for r in results)
     for key, mean in means.items():
-        print(f"{key.replace('_', ' ')}: {round(mean * scored)}/{scored} = {mean:.1%}")
+        print(summary(key, mean, sum(key in r for r in results)))
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ def token_ids(collator: Collator, sample: Sample) -> list[int]:
     """The input_ids the processor will produce for this sample, from its media's sizes alone."""
     tokens = collator.tokens
     images, plans = iter(sample.image_sizes), iter(sample.video_plans)
-    text = collator.texts([sample.messages])[0]
+    text = collator.texts([collator.render(sample.messages, sample.image_sizes)])[0]
     expanded = []
     for token in collator.processor.tokenizer(text, add_special_tokens=False)["input_ids"]:
         if token == tokens.image_pad:
@@ -98,7 +98,8 @@ def count(collator: Collator, chunk: Samples) -> np.ndarray:
     """measure's three numbers for each sample of the chunk, counted on the template's tokens, before the
     placeholders are expanded (an image is often a thousand tokens): each expansion only shifts what follows it."""
     tokens, loaded = collator.tokens, list(chunk)
-    texts = collator.processor.tokenizer(collator.texts([s.messages for s in loaded]), add_special_tokens=False)
+    rendered = [collator.render(s.messages, s.image_sizes) for s in loaded]  # boxes written as the collator will
+    texts = collator.processor.tokenizer(collator.texts(rendered), add_special_tokens=False)
     counted = np.zeros((len(loaded), 3), np.int32)
     videos = {}  # a plan's tokens, computed once
     for row, (sample, ids) in enumerate(zip(loaded, texts["input_ids"])):

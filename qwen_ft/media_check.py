@@ -16,6 +16,7 @@ import numpy as np
 
 from qwen_ft import fetch
 from qwen_ft.data import raise_if_any
+from qwen_ft.grounding import problems as box_problems
 from qwen_ft.media import MediaError, hide_pil_size_warning, image_header, load_image
 from qwen_ft.samples import Samples
 from qwen_ft.video import VideoSettings, plan_video
@@ -122,6 +123,8 @@ def check_media(
         samples.video_plans[position] = plans
         if problem and position not in errors:
             errors[position] = problem
+    for position, problem in box_problems(samples).items():  # boxes and points need their images' sizes
+        errors.setdefault(position, problem)
     if errors:
         order = {position: k for k, position in enumerate(samples.order.tolist())}
         raise_if_any([f"{samples.where(p)}: {errors[p]}" for p in sorted(errors, key=order.__getitem__)])
