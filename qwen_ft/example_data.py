@@ -7,6 +7,10 @@ answers can only be read off the picture, so a model that gets them right sees t
 Besides one-picture questions there are two-picture, multi-turn and text-only samples, and short
 videos of a shape that moves or changes colour, whose answers need more than one frame.
 The train and test sets come from different seeds: no test picture is in the train set.
+
+pairs.json beside each data.json holds preference pairs for finetune_dpo.py, one for each picture
+question of data.json: the right answer chosen, a wrong one (another colour, shape or place, or the
+other picture) rejected.
 """
 
 import argparse
@@ -160,6 +164,27 @@ class Writer:
         (self.out / "data.json").write_text(json.dumps(self.samples, indent=1) + "\n")
 
 
+# The answers a question about a picture can have: a wrong one is drawn from the same list.
+ANSWER_CHOICES = (list(COLOURS), list(SHAPES), list(CORNERS), ["the first", "the second"])
+
+
+def write_pairs(out: Path, seed: int) -> None:
+    """OUT/pairs.json: a pair for each one-turn picture question of OUT/data.json, in qwen-ft's pair format."""
+    rng = random.Random(seed)
+    pairs = []
+    for sample in json.loads((out / "data.json").read_text()):
+        messages = sample["messages"]
+        if len(messages) != 2 or isinstance(messages[0]["content"], str):
+            continue  # multi-turn and text-only samples
+        if not all(part["type"] in ("image", "text") for part in messages[0]["content"]):
+            continue  # videos
+        answer = messages[1]["content"]
+        choices = next(c for c in ANSWER_CHOICES if answer in c)
+        wrong = rng.choice([c for c in choices if c != answer])
+        pairs.append({"messages": messages[:1], "chosen": answer, "rejected": wrong})
+    (out / "pairs.json").write_text(json.dumps(pairs, indent=1) + "\n")
+
+
 def generate(
     out: Path, seed: int, single: int, two_pictures: int, multi_turn: int, videos: int, text_repeats: int
 ) -> None:
@@ -170,6 +195,7 @@ def generate(
     writer.videos(videos)
     writer.text_only(text_repeats)
     writer.save()
+    write_pairs(out, seed)
 
 
 def main() -> None:
