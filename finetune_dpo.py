@@ -1,0 +1,487 @@
+"""Preference fine-tuning (DPO) of a Qwen vision-language model on chosen and rejected answers, in one file.
+
+Read train() top to bottom: config -> seed -> pairs (checked before the model loads) -> model ->
+freezing or LoRA -> reference model -> optimizer and schedule -> resume -> loop -> save. The step is
+the loop with forward_backward and dpo_loss just above it. One process, or one per GPU under torchrun
+(the same file: distributed differs only in setup):
+
+    python finetune_dpo.py --model output --data train_data/pairs.json --output-dir output-dpo
+    torchrun --nproc-per-node 4 finetune_dpo.py --model output --data pairs.json --lora
+"""
+
+import dataclasses
+import gc
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+import torch.nn.functional as F
+from peft import PeftModel
+from torch.utils.checkpoint import checkpoint
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from finetune import log, micro_batches
+from qwen_ft.batching import BatchPlan
+from qwen_ft.checkpoint import (
+    best_checkpoint,
+    check_resume_config,
+    checkpoint_folder,
+    find_checkpoint,
+    load_checkpoint,
+    open_metrics,
+    save_checkpoint,
+    save_model,
+)
+from qwen_ft.collate import IGNORE_INDEX, Collator
+from qwen_ft.config import Config, ConfigError, option, parse_config
+from qwen_ft.data import BadSample, DataError
+from qwen_ft.data_index import files_of, index_folder, index_settings
+from qwen_ft.dist import Dist, init_distributed, single_device
+from qwen_ft.lora import add_lora, quantization_config
+from qwen_ft.model import (
+    ModelUnavailable,
+    cast_trainable,
+    load_model,
+    load_processor,
+    set_trainable,
+    trainable_table,
+)
+from qwen_ft.optim import make_optimizer, make_scheduler
+from qwen_ft.packing import real_tokens
+from qwen_ft.pairs import PairCollator, Pairs, check_pair_budget, checked_pairs
+from qwen_ft.report import run_summary, write_report
+from qwen_ft.samples import Source
+from qwen_ft.stop import RunStopped, StopSignal, out_of_memory
+from qwen_ft.trackers import open_trackers
+
+LOSSES = ("sigmoid", "ipo")
+
+
+@dataclass
+class DPOConfig(Config):
+    """finetune.py's flags, with the same meanings (--batch-size counts pairs), and DPO's own."""
+
+    data: str = option(
+        "train_data/pairs.json",
+        "preference pairs: a JSON list or JSONL file, or a dataset folder or parquet file, in qwen-ft's, TRL's or "
+        "LLaMA-Factory's pair form (several: a.json,b.parquet; weighted: a.json:2,b.jsonl:0.5)",
+    )
+    output_dir: str = option("output-dpo", "where the fine-tuned model, config.json and metrics.jsonl are written")
+    beta: float = option(0.1, "β: how far the policy may move from the reference (smaller: further)")
+    loss: str = option("sigmoid", "sigmoid: DPO's loss; ipo: IPO's squared loss", choices=LOSSES)
+    rpo_alpha: float = option(0.0, "weight of an NLL term on the chosen answers' tokens, added to the loss (RPO)")
+    precompute_ref: bool = option(
+        False, "compute every pair's reference log-probabilities in one pass before training, then free the copy"
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.beta > 0 or not self.rpo_alpha >= 0:
+            raise ValueError("--beta must be positive and --rpo-alpha not negative")
+        if self.packing:
+            raise ValueError("--packing is not supported by finetune_dpo.py: use --max-tokens to bound micro-batches")
+
+
+def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta: float, loss_type: str):
+    """Each pair's loss, and the implicit rewards β·(log π − log π_ref) of its two answers, from the summed
+    log-probabilities of the answers under the policy and under the reference.
+
+    sigmoid, DPO (Rafailov et al. 2023, eq. 7): −log σ(β·((log πc − log rc) − (log πr − log rr)))
+    ipo, IPO (Azar et al. 2023, eq. 17, its τ our β): ((log πc − log rc) − (log πr − log rr) − 1/(2β))²
+    """
+    chosen_logratio = policy_chosen - reference_chosen
+    rejected_logratio = policy_rejected - reference_rejected
+    margin = chosen_logratio - rejected_logratio
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * margin)
+    else:
+        losses = (margin - 1 / (2 * beta)) ** 2
+    return losses, beta * chosen_logratio.detach(), beta * rejected_logratio.detach()
+
+
+# What forward_backward sums over a window, in this order (rewards per answer, log-probs per answer).
+STATS = ("loss", "rewards_chosen", "rewards_rejected", "reward_accuracy", "logps_chosen", "logps_rejected", "pairs")
+
+
+def forward_backward(model, reference, window: list[dict], cfg, dist: Dist, autocast) -> torch.Tensor:
+    """Forward and backward over one accumulation window of micro-batches of pairs; returns the sums of STATS.
+
+    A micro-batch of B pairs is one forward of 2B rows, the B chosen conversations then the B rejected ones.
+    Each pair's loss is divided by the pairs of the whole window (all ranks), and RPO's NLL by the chosen
+    answers' tokens of the window, so 2 micro-batches of 1 pair give the gradients of 1 batch of 2.
+    """
+    pairs = dist.all_reduce_sum(torch.tensor(float(sum(batch["pairs"] for batch in window)), device=dist.device))
+    chosen_tokens = sum((batch["labels"][: batch["pairs"], 1:] != IGNORE_INDEX).sum() for batch in window)
+    chosen_tokens = dist.all_reduce_sum(chosen_tokens.to(dist.device)).clamp(min=1)
+    sums = torch.zeros(len(STATS), device=dist.device)
+    for i, batch in enumerate(window):
+        n, numbers = batch.pop("pairs"), batch.pop("pair_numbers")
+        batch = {key: value.to(dist.device, non_blocking=True) for key, value in batch.items()}
+        reference_logps = reference_answer_logps(reference, batch, numbers, autocast)
+        with dist.no_sync(model, sync=i == len(window) - 1):
+            logps = answer_logps(model, batch, autocast)
+            losses, chosen_rewards, rejected_rewards = dpo_loss(
+                logps[:n], logps[n:], reference_logps[:n], reference_logps[n:], cfg.beta, cfg.loss
+            )
+            # RPO (Pang et al. 2024): the chosen answers' NLL per token beside the pairs' loss, weighted by rpo_alpha.
+            loss = losses.sum() / pairs + cfg.rpo_alpha * -logps[:n].sum() / chosen_tokens
+            if loss.requires_grad:
+                # DDP and FSDP average gradients over ranks; the loss is already a share of the whole
+                # window's, so multiply the average back into a sum.
+                (loss * dist.world_size).backward()
+        sums += torch.stack(
+            [
+                losses.sum(),
+                chosen_rewards.sum(),
+                rejected_rewards.sum(),
+                (chosen_rewards > rejected_rewards).sum().float(),
+                logps[:n].sum(),
+                logps[n:].sum(),
+                torch.tensor(float(n), device=dist.device),
+            ]
+        ).detach()
+    return sums
+
+
+def answer_logps(model, batch: dict, autocast) -> torch.Tensor:
+    """The summed log-probability of each row's answer (its trained labels: the answer and its <|im_end|>)."""
+    labels = batch["labels"]
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # the token each position predicts
+    trained = targets != IGNORE_INDEX
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    with autocast():
+        # The output head runs on the answers' positions alone: logits of (answer tokens, vocab).
+        logits = model(**inputs, logits_to_keep=trained, use_cache=False).logits
+    token_logps = -token_cross_entropy(logits, targets[trained])
+    rows = trained.nonzero()[:, 0]
+    return torch.zeros(len(labels), device=token_logps.device).index_add(0, rows, token_logps)
+
+
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Each token's cross-entropy in fp32, `chunk` tokens at a time, each chunk's fp32 logits recomputed in
+    backward rather than kept."""
+
+    def chunk_loss(chunk_logits, chunk_targets):
+        return F.cross_entropy(chunk_logits.float(), chunk_targets, reduction="none")
+
+    pieces = [
+        checkpoint(chunk_loss, a, b, use_reentrant=False) for a, b in zip(logits.split(chunk), targets.split(chunk))
+    ]
+    return torch.cat(pieces) if pieces else logits.sum(-1).float()
+
+
+@torch.no_grad()
+def reference_answer_logps(reference, batch: dict, numbers: torch.Tensor, autocast) -> torch.Tensor:
+    """The reference model's summed answer log-probabilities of each row: looked up where --precompute-ref
+    computed them before training (a (pairs, 2) tensor); with LoRA, the policy itself with its adapters
+    switched off, which peft's disable_adapter also does to the modules trained in full beside them (they run
+    their original, frozen weights), so that it is the base model; in full fine-tuning, the frozen copy."""
+    if isinstance(reference, torch.Tensor):
+        return torch.cat([reference[numbers, 0], reference[numbers, 1]]).to(batch["input_ids"].device)
+    if isinstance(reference, PeftModel):
+        with reference.disable_adapter():
+            return answer_logps(reference, batch, autocast)
+    return answer_logps(reference, batch, autocast)
+
+
+@torch.no_grad()
+def evaluate(model, reference, pairs: Pairs, collator, cfg, dist: Dist, autocast, step: int) -> dict:
+    """The eval record of a step: the mean loss, reward accuracy and reward margin over the eval pairs,
+    computed as in training, each rank on its share and the sums added."""
+    model.eval()
+    batches = [pairs[i : i + cfg.batch_size] for i in range(0, len(pairs), cfg.batch_size)]
+    mine = batches[dist.rank :: dist.world_size]
+    # Every rank runs as many forwards (FSDP gathers the weights in each): one short runs an empty one.
+    mine += [[]] * (math.ceil(len(batches) / dist.world_size) - len(mine))
+    totals = torch.zeros(3, device=dist.device)
+    for batch in DataLoader(mine, batch_size=None, collate_fn=collator, num_workers=cfg.num_workers):
+        bad_samples = batch.pop("bad_samples")
+        if bad_samples and not cfg.skip_bad_samples:
+            raise BadSample(f"{bad_samples[0]} (--skip-bad-samples skips such samples)")
+        n, numbers = batch.pop("pairs"), batch.pop("pair_numbers")
+        batch = {key: value.to(dist.device) for key, value in batch.items()}
+        logps = answer_logps(model, batch, autocast)
+        reference_logps = reference_answer_logps(reference, batch, numbers, autocast)
+        losses, chosen, rejected = dpo_loss(
+            logps[:n], logps[n:], reference_logps[:n], reference_logps[n:], cfg.beta, cfg.loss
+        )
+        totals += torch.stack([losses.sum(), (chosen > rejected).sum().float(), (chosen - rejected).sum()])
+    loss_sum, correct, margin = dist.all_reduce_sum(totals).tolist()
+    model.train()
+    return {
+        "step": step,
+        "eval_loss": loss_sum / len(pairs),
+        "eval_reward_accuracy": correct / len(pairs),
+        "eval_reward_margin": margin / len(pairs),
+        "eval_pairs": len(pairs),
+    }
+
+
+def frozen_copy(cfg, dist: Dist):
+    """The reference of full fine-tuning: the model as loaded, frozen, in bf16 unless --precision fp32
+    (sharded like the policy under FSDP)."""
+    reference = load_model(
+        cfg.model, cfg.precision, cfg.attn_implementation, dist.load_device, None, cfg.trust_remote_code
+    )
+    reference.requires_grad_(False)
+    reference.eval()
+    if dist.fsdp:
+        reference = dist.wrap(reference, torch.float32 if cfg.precision == "fp32" else torch.bfloat16)
+    return reference
+
+
+def precomputed_reference(reference, pairs: Pairs, collator, cfg, dist: Dist, autocast, name: str) -> torch.Tensor:
+    """Every pair's reference log-probabilities, (pairs as read, 2): read from the file a run on the same
+    reference, data and settings wrote beside the data index, or computed now (each rank a share) and saved."""
+    key = json.dumps(
+        {
+            "model": [str(Path(cfg.model).resolve()), *files_of(Source(cfg.model))]
+            if Path(cfg.model).exists()
+            else cfg.model,
+            "data": [files_of(source) for source in pairs.sides.sources],
+            "settings": index_settings(cfg, collator.collator),
+            "run": [cfg.precision, cfg.attn_implementation, cfg.qlora, cfg.max_length],
+        },
+        sort_keys=True,
+        default=str,
+    )
+    path = index_folder(cfg.output_dir) / f"reference-{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt"
+    if path.is_file():
+        dist.print(f"reference log-probabilities of the {name} pairs: {path}")
+        return torch.load(path, weights_only=True)
+    table = torch.zeros(len(pairs.sides) // 2, 2, device=dist.device)
+    order = np.sort(pairs.order)
+    batches = [Pairs(pairs.sides, order[i : i + cfg.batch_size]) for i in range(0, len(order), cfg.batch_size)]
+    mine = batches[dist.rank :: dist.world_size]
+    mine += [[]] * (math.ceil(len(batches) / dist.world_size) - len(mine))
+    loader = DataLoader(mine, batch_size=None, collate_fn=collator, num_workers=cfg.num_workers)
+    for batch in tqdm(loader, desc=f"reference log-probabilities, {name} pairs", disable=not dist.is_main):
+        n, numbers = batch.pop("pairs"), batch.pop("pair_numbers")
+        batch.pop("bad_samples")
+        logps = reference_answer_logps(reference, {k: v.to(dist.device) for k, v in batch.items()}, numbers, autocast)
+        table[numbers.to(dist.device)] = torch.stack([logps[:n], logps[n:]], dim=1)
+    table = dist.all_reduce_sum(table).cpu()  # each pair computed by one rank, zeros elsewhere
+    if dist.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(table, path.with_suffix(f".{os.getpid()}.tmp"))
+        path.with_suffix(f".{os.getpid()}.tmp").replace(path)
+    return table
+
+
+def train(cfg: DPOConfig, dist: Dist):
+    out = Path(cfg.output_dir)
+    resume_from = find_checkpoint(cfg.resume, out) if cfg.resume else None
+    if resume_from:  # before anything loads: a config that can't resume exactly stops here
+        changes = check_resume_config(resume_from, cfg)
+        dist.print(f"resuming from {resume_from}" + (f", with changes: {'; '.join(changes)}" if changes else ""))
+
+    # Seed: the same seed gives the same data order and dropout.
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores; no effect on the CPU
+
+    # Pairs: every pair is read and checked (structure, media, length) before the model loads.
+    processor = load_processor(cfg.model, cfg.min_pixels, cfg.max_pixels, cfg.video_max_pixels, cfg.trust_remote_code)
+    dist.print(json.dumps(dataclasses.asdict(cfg), indent=1))
+    collator = PairCollator(Collator(processor, cfg.max_length, cfg.video(), blank_image=dist.world_size > 1))
+    pairs = checked_pairs(cfg.data, cfg, collator.collator, dist)
+    eval_pairs = checked_pairs(cfg.eval_data, cfg, collator.collator, dist) if cfg.eval_data else None
+    if cfg.max_tokens:
+        check_pair_budget(pairs, cfg.max_tokens)
+
+    # Model: weights load in bf16 (4-bit for QLoRA) unless --precision fp32
+    frozen = {"vision": cfg.freeze_vision, "merger": cfg.freeze_merger, "llm": cfg.freeze_llm}
+    quantization = quantization_config(frozen) if cfg.qlora else None
+    model = load_model(
+        cfg.model, cfg.precision, cfg.attn_implementation, dist.load_device, quantization, cfg.trust_remote_code
+    )
+    if cfg.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora:
+        model = add_lora(model, frozen, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.dora)
+    else:
+        set_trainable(model, frozen)
+    if cfg.precision == "bf16-mixed":
+        cast_trainable(model, torch.float32)
+    dist.print(trainable_table(model))
+    autocast = partial(torch.autocast, dist.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16-mixed")
+
+    # Reference: with LoRA the model itself, adapters off; else a frozen copy, or its log-probs computed
+    # once (--precompute-ref), after which the copy is freed.
+    reference = model if cfg.lora else frozen_copy(cfg, dist)
+    eval_reference = reference
+    if cfg.precompute_ref:
+        precompute = partial(precomputed_reference, reference, collator=collator, cfg=cfg, dist=dist, autocast=autocast)
+        eval_reference = precompute(eval_pairs, name="eval") if eval_pairs else None
+        reference = precompute(pairs, name="training")
+        if not cfg.lora:
+            del precompute
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    model = dist.wrap(model, torch.float32 if cfg.precision == "fp32" else torch.bfloat16)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    # Optimizer and schedule; the plan deals the micro-batches of pairs to the ranks.
+    part_lr = {"vision": cfg.vision_lr, "merger": cfg.merger_lr}
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, dist.device, part_lr)
+    plan = BatchPlan(
+        tuple(pairs.lengths.tolist()), cfg.batch_size, cfg.max_tokens, False, cfg.shuffle, cfg.seed, dist.rank,
+        dist.world_size,
+    )  # fmt: skip
+    batches_per_epoch = len(plan.epoch(0))
+    total_steps = cfg.max_steps or math.ceil(plan.micro_batches_in(cfg.epochs) / cfg.grad_accum)
+    scheduler = make_scheduler(optimizer, cfg.warmup_steps, total_steps)
+
+    # Resume: weights, optimizer, schedule, random state and data position of the checkpoint.
+    start_step, counters = 0, {"bad_steps": 0, "skipped_samples": 0, "elapsed_s": 0.0}
+    if resume_from:
+        state = load_checkpoint(resume_from, model, optimizer, scheduler, dist)
+        start_step, counters = state["step"], {name: state.get(name, 0) for name in counters}
+    best = best_checkpoint(out, start_step)
+    batches = micro_batches(pairs, plan, collator, cfg, start=start_step * cfg.grad_accum)
+
+    out.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        cfg.save(out / "train_config.json")
+    metrics = open_metrics(out / "metrics.jsonl", start_step if resume_from else None) if dist.is_main else None
+    trackers = open_trackers(
+        cfg.trackers() if dist.is_main else [], out, dataclasses.asdict(cfg), start_step if resume_from else None
+    )
+    progress = tqdm(total=total_steps, initial=start_step, disable=not dist.is_main, desc="dpo", dynamic_ncols=True)
+    stop, bad_in_a_row = StopSignal(), 0
+    save = partial(save_checkpoint, out, model=model, optimizer=optimizer, scheduler=scheduler, dist=dist, cfg=cfg,
+                   counters=counters, processor=processor)  # fmt: skip
+    run_began, elapsed_before = time.perf_counter(), counters["elapsed_s"]
+
+    def elapsed() -> float:
+        return round(elapsed_before + time.perf_counter() - run_began, 1)
+
+    step = start_step
+    try:
+        if eval_pairs and not resume_from:  # the baseline: step 0 is the model as loaded
+            record = evaluate(model, eval_reference, eval_pairs, collator, cfg, dist, autocast, 0)
+            if dist.is_main:
+                log({**record, "elapsed_s": elapsed()}, metrics, trackers)
+        model.train()
+        for step in range(start_step + 1, total_steps + 1):
+            began = time.perf_counter()
+            window = [next(batches) for _ in range(cfg.grad_accum)]
+            bad_samples = [problem for batch in window for problem in batch.pop("bad_samples")]
+            if bad_samples and not cfg.skip_bad_samples:
+                raise BadSample(f"{bad_samples[0]} (--skip-bad-samples skips such samples)")
+            lr = optimizer.param_groups[0]["lr"]
+            real = sum(real_tokens(b) for b in window)
+            computed = sum(b["input_ids"].numel() for b in window)
+            trained = sum((b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in window)
+            sums = forward_backward(model, reference, window, cfg, dist, autocast)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or math.inf)
+            finite = torch.isfinite(grad_norm).item()
+            if finite:
+                optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            counts = torch.tensor([real, computed - real, len(bad_samples), int(trained)], device=dist.device)
+            stats = dict(zip(STATS, dist.all_reduce_sum(sums).tolist()))
+            tokens, padded_tokens, skipped, trained_tokens = dist.all_reduce_sum(counts).tolist()
+            pair_count = max(stats.pop("pairs"), 1)
+            stats = {name: value / pair_count for name, value in stats.items()}
+            bad_in_a_row = 0 if finite else bad_in_a_row + 1
+            counters["bad_steps"] += not finite
+            counters["skipped_samples"] += skipped
+            counters["elapsed_s"] = elapsed()
+            record = {
+                "step": step,
+                "epoch": round(step * cfg.grad_accum / batches_per_epoch, 4),
+                **stats,
+                "reward_margin": stats["rewards_chosen"] - stats["rewards_rejected"],
+                "lr": lr,
+                "grad_norm": grad_norm.item(),
+                "pairs": int(pair_count),
+                "trained_tokens": trained_tokens,
+                "tokens": tokens,
+                "padded_tokens": padded_tokens,
+                "tokens_per_s": round(tokens / (time.perf_counter() - began), 1),
+                "peak_memory_gib": dist.peak_memory_gib(),
+                "skipped_step": not finite,
+                **counters,
+            }
+            if dist.is_main:
+                log(record, metrics, trackers)
+                progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['reward_accuracy']:.2f}")
+                progress.update()
+            if bad_in_a_row >= cfg.max_bad_steps:
+                raise RunStopped(
+                    f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (up to step "
+                    f"{step}); the last checkpoint holds the last good weights. Try a lower --lr"
+                )
+            stopping, folder = stop.requested(dist), None
+            if eval_pairs and (step == total_steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+                record = evaluate(model, eval_reference, eval_pairs, collator, cfg, dist, autocast, step)
+                if dist.is_main:
+                    log({**record, "elapsed_s": elapsed()}, metrics, trackers)
+                if cfg.save_best and record["eval_loss"] < best["eval_loss"]:
+                    best = {"step": step, "eval_loss": record["eval_loss"]}
+                    folder = save(step, best=best)
+            if not folder and (stopping or (cfg.save_every and step % cfg.save_every == 0)):
+                folder = save(step, best=best)
+            if stopping:
+                dist.print(f"stopped after step {step}, saved {folder}; run the same command with --resume to go on")
+                return model
+    except torch.OutOfMemoryError:
+        raise out_of_memory(step) from None
+    finally:
+        stop.restore()
+        progress.close()
+        if metrics:
+            metrics.close()
+        trackers.close()
+        del batches
+
+    state_dict = dist.full_state_dict(model)
+    if dist.is_main:
+        save_model(out, dist.unwrap(model), state_dict)
+        processor.save_pretrained(out)
+        dist.print(f"saved the fine-tuned model to {out}\n{run_summary(out / 'metrics.jsonl')}")
+        if cfg.save_best and best["step"]:
+            kept = checkpoint_folder(out, best["step"])
+            dist.print(f"lowest eval loss {best['eval_loss']:.4f} at step {best['step']}, kept in {kept}")
+        write_report(out)
+    return model
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(argv, description=__doc__.splitlines()[0], config=DPOConfig)
+    distributed = "RANK" in os.environ  # started by torchrun: one process per GPU (or CPU process)
+    if cfg.fsdp and not distributed:
+        sys.exit("error: --fsdp shards the model over several processes: run finetune_dpo.py with torchrun")
+    dist = init_distributed(fsdp=cfg.fsdp) if distributed else single_device()
+    try:
+        train(cfg, dist)
+    except (DataError, ModelUnavailable, ConfigError, RunStopped) as e:
+        if not distributed:
+            sys.exit(f"error: {e}")
+        # Every rank meets the same bad input and the same stop; one message is enough.
+        if dist.is_main or isinstance(e, BadSample):
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    finally:
+        if distributed:
+            torch_dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
