@@ -43,6 +43,7 @@ job() {
         bench bench/train_throughput.py "${small[@]}" --mode lora --family qwen3-vl --work-dir "$runs"
         bench bench/packing.py --size tiny --samples 24 --repeats 1 --work-dir "$runs"
         bench bench/compare_trl.py --size tiny --steps 3 --repeats 1 --work-dir "$runs"
+        bench bench/compare_trl_dpo.py --size tiny --steps 3 --repeats 1 --image-side 112 --work-dir "$runs"
     else
         # The published shapes at 2048 tokens, 1024 of them one image's (the QLoRA 7B goal: under 10 GB).
         for mode in full lora; do
@@ -59,6 +60,9 @@ job() {
         bench bench/train_throughput.py --family qwen3-vl --size 2b --mode lora --work-dir "$runs"
         # Against TRL's SFTTrainer on the whole 2B shape, LoRA and full.
         bench bench/compare_trl.py --size 2b --llm-layers 0 --steps 12 --warmup 2 --repeats 1 --work-dir "$runs"
+        # finetune_dpo.py against TRL's DPOTrainer on the whole 2B shape, LoRA and full (bf16-mixed).
+        bench bench/compare_trl_dpo.py --size 2b --llm-layers 0 --modes lora,full --steps 12 --warmup 2 \
+            --batch-size 2 --work-dir "$runs"
     fi
     set +x
     echo "done"

@@ -3,7 +3,12 @@ the reference model, and the loop's first step."""
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
 from functools import partial
+from pathlib import Path
 
 import datasets
 import pytest
@@ -19,6 +24,7 @@ from qwen_ft.media_check import check_media
 from qwen_ft.model import load_model, set_trainable
 from qwen_ft.pairs import PairCollator, Pairs, read_pairs
 
+REPO = Path(__file__).resolve().parent.parent
 FROZEN = {"vision": True, "merger": False, "llm": False}
 QUESTION = "What colour is the shape?"
 
@@ -273,3 +279,73 @@ def test_the_lora_reference_is_the_base_model_with_the_merger_trained_in_full(tm
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
     assert not torch.allclose(policy, expected, rtol=1e-3)
     torch.testing.assert_close(reference_logps(base, batch).float(), expected, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The loop: resume, precomputed reference, several processes (the slow tier: whole runs).
+
+
+def dpo_flags(tiny_model, data, out, *extra) -> list[str]:
+    return [
+        "--model", tiny_model, "--data", data, "--output-dir", str(out), "--num-workers", "0", "--no-shuffle",
+        "--precision", "fp32", "--lr", "1e-3", "--warmup-steps", "0", "--max-steps", "4", "--batch-size", "1",
+        "--grad-accum", "2", *extra,
+    ]  # fmt: skip
+
+
+def losses(out) -> list[float]:
+    return [row["loss"] for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in row]
+
+
+def dpo_train(args):
+    return finetune_dpo.train(parse_config(args, config=finetune_dpo.DPOConfig), single_device())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", [[], ["--lora", "--lora-dropout", "0", "--lora-r", "4"]])
+def test_a_signal_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_model, mode, monkeypatch, capsys):
+    data = pairs_file(tmp_path)
+    dpo_train(dpo_flags(tiny_model, data, tmp_path / "reference", *mode))
+    args = dpo_flags(tiny_model, data, tmp_path / "out", *mode)
+    calls, real = [], finetune_dpo.forward_backward
+
+    def forward_backward(*a, **k):  # SIGTERM during step 2: the step finishes, a checkpoint, the run returns
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(finetune_dpo, "forward_backward", forward_backward)
+        dpo_train(args)
+    assert len(losses(tmp_path / "out")) == 2 and "stopped after step 2" in capsys.readouterr().out
+    dpo_train([*args, "--resume"])
+    assert losses(tmp_path / "out") == losses(tmp_path / "reference")  # bit for bit
+
+
+@pytest.mark.slow
+def test_the_precomputed_reference_gives_the_steps_of_the_frozen_copy(tmp_path, tiny_model):
+    data = pairs_file(tmp_path)
+    eval_data = ["--eval-data", data]
+    dpo_train(dpo_flags(tiny_model, data, tmp_path / "copy", *eval_data))
+    dpo_train(dpo_flags(tiny_model, data, tmp_path / "precomputed", *eval_data, "--precompute-ref"))
+    assert losses(tmp_path / "precomputed") == pytest.approx(losses(tmp_path / "copy"), rel=1e-6)
+    assert len(list((tmp_path / ".qwen-ft-data-index").glob("reference-*.pt"))) == 2  # training and eval pairs
+    rows = [json.loads(line) for line in (tmp_path / "precomputed" / "metrics.jsonl").read_text().splitlines()]
+    evals = [row for row in rows if "eval_loss" in row]
+    assert evals[0]["eval_loss"] == pytest.approx(math.log(2)) and evals[-1]["eval_reward_accuracy"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", [[], ["--lora", "--lora-dropout", "0", "--lora-r", "4"]])
+def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, tiny_model, mode):
+    data = pairs_file(tmp_path)
+    dpo_train(dpo_flags(tiny_model, data, tmp_path / "one", "--batch-size", "2", "--grad-accum", "1", *mode))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    command += [str(REPO / "finetune_dpo.py"), *dpo_flags(tiny_model, data, tmp_path / "two", *mode)]
+    command[command.index("--grad-accum") + 1] = "1"
+    run = subprocess.run(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                         text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
+    assert run.stdout.count("saved the fine-tuned model") == 1
