@@ -15,7 +15,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import sys
 import time
 from dataclasses import dataclass
@@ -31,39 +30,33 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from finetune import log, micro_batches
-from qwen_ft.batching import BatchPlan
-from qwen_ft.checkpoint import (
-    best_checkpoint,
-    check_resume_config,
-    checkpoint_folder,
-    find_checkpoint,
-    load_checkpoint,
-    open_metrics,
-    save_checkpoint,
-    save_model,
-)
+from qwen_ft.checkpoint import best_checkpoint, save_checkpoint
 from qwen_ft.collate import IGNORE_INDEX, Collator
 from qwen_ft.config import Config, ConfigError, option, parse_config
 from qwen_ft.data import BadSample, DataError
 from qwen_ft.data_index import files_of, index_folder, index_settings
 from qwen_ft.dist import Dist, init_distributed, single_device
-from qwen_ft.lora import add_lora, quantization_config
-from qwen_ft.model import (
-    ModelUnavailable,
-    cast_trainable,
-    load_model,
-    load_processor,
-    set_trainable,
-    trainable_table,
-)
-from qwen_ft.optim import make_optimizer, make_scheduler
-from qwen_ft.packing import real_tokens
+from qwen_ft.model import ModelUnavailable, load_model, load_processor
 from qwen_ft.pairs import PairCollator, Pairs, check_pair_budget, checked_pairs
-from qwen_ft.report import run_summary, write_report
 from qwen_ft.samples import Source
 from qwen_ft.stop import RunStopped, StopSignal, out_of_memory
-from qwen_ft.trackers import open_trackers
+from qwen_ft.training import (
+    RunLog,
+    autocast_of,
+    batch_plan,
+    checkpoint_due,
+    compute_dtype,
+    evaluation_due,
+    micro_batches,
+    next_window,
+    optimizer_and_schedule,
+    restore,
+    resume_point,
+    save_final,
+    seed_everything,
+    step_numbers,
+    trainable_model,
+)
 
 LOSSES = ("sigmoid", "ipo")
 
@@ -281,16 +274,8 @@ def precomputed_reference(reference, pairs: Pairs, collator, cfg, dist: Dist, au
 
 def train(cfg: DPOConfig, dist: Dist):
     out = Path(cfg.output_dir)
-    resume_from = find_checkpoint(cfg.resume, out) if cfg.resume else None
-    if resume_from:  # before anything loads: a config that can't resume exactly stops here
-        changes = check_resume_config(resume_from, cfg)
-        dist.print(f"resuming from {resume_from}" + (f", with changes: {'; '.join(changes)}" if changes else ""))
-
-    # Seed: the same seed gives the same data order and dropout.
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores; no effect on the CPU
+    resume_from = resume_point(cfg, dist)
+    seed_everything(cfg.seed)
 
     # Pairs: every pair is read and checked (structure, media, length) before the model loads.
     processor = load_processor(cfg.model, cfg.min_pixels, cfg.max_pixels, cfg.video_max_pixels, cfg.trust_remote_code)
@@ -301,142 +286,87 @@ def train(cfg: DPOConfig, dist: Dist):
     if cfg.max_tokens:
         check_pair_budget(pairs, cfg.max_tokens)
 
-    # Model: weights load in bf16 (4-bit for QLoRA) unless --precision fp32
-    frozen = {"vision": cfg.freeze_vision, "merger": cfg.freeze_merger, "llm": cfg.freeze_llm}
-    quantization = quantization_config(frozen) if cfg.qlora else None
-    model = load_model(
-        cfg.model, cfg.precision, cfg.attn_implementation, dist.load_device, quantization, cfg.trust_remote_code
-    )
-    if cfg.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.lora:
-        model = add_lora(model, frozen, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.dora)
-    else:
-        set_trainable(model, frozen)
-    if cfg.precision == "bf16-mixed":
-        cast_trainable(model, torch.float32)
-    dist.print(trainable_table(model))
-    autocast = partial(torch.autocast, dist.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16-mixed")
+    # Model: finetune.py's, with its freezing or LoRA and precision.
+    model = trainable_model(cfg, dist)
+    autocast = autocast_of(cfg, dist)
 
-    # Reference: with LoRA the model itself, adapters off; else a frozen copy, or its log-probs computed
-    # once (--precompute-ref), after which the copy is freed.
+    # Reference: with LoRA the model itself, adapters off; else a frozen copy, or its log-probabilities
+    # computed once before training (--precompute-ref), after which the copy is freed.
     reference = model if cfg.lora else frozen_copy(cfg, dist)
     eval_reference = reference
     if cfg.precompute_ref:
         precompute = partial(precomputed_reference, reference, collator=collator, cfg=cfg, dist=dist, autocast=autocast)
         eval_reference = precompute(eval_pairs, name="eval") if eval_pairs else None
         reference = precompute(pairs, name="training")
-        if not cfg.lora:
-            del precompute
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-    model = dist.wrap(model, torch.float32 if cfg.precision == "fp32" else torch.bfloat16)
+        del precompute  # with it the last hold on a frozen copy
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    model = dist.wrap(model, compute_dtype(cfg))  # DDP or FSDP in a distributed run; as it is in one process
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     # Optimizer and schedule; the plan deals the micro-batches of pairs to the ranks.
-    part_lr = {"vision": cfg.vision_lr, "merger": cfg.merger_lr}
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, dist.device, part_lr)
-    plan = BatchPlan(
-        tuple(pairs.lengths.tolist()), cfg.batch_size, cfg.max_tokens, False, cfg.shuffle, cfg.seed, dist.rank,
-        dist.world_size,
-    )  # fmt: skip
-    batches_per_epoch = len(plan.epoch(0))
-    total_steps = cfg.max_steps or math.ceil(plan.micro_batches_in(cfg.epochs) / cfg.grad_accum)
-    scheduler = make_scheduler(optimizer, cfg.warmup_steps, total_steps)
+    plan = batch_plan(pairs.lengths, cfg, dist)
+    optimizer, scheduler, total_steps = optimizer_and_schedule(model, plan, cfg, dist)
 
     # Resume: weights, optimizer, schedule, random state and data position of the checkpoint.
-    start_step, counters = 0, {"bad_steps": 0, "skipped_samples": 0, "elapsed_s": 0.0}
-    if resume_from:
-        state = load_checkpoint(resume_from, model, optimizer, scheduler, dist)
-        start_step, counters = state["step"], {name: state.get(name, 0) for name in counters}
-    best = best_checkpoint(out, start_step)
+    start_step, counters = restore(resume_from, model, optimizer, scheduler, dist)
+    best = best_checkpoint(out, start_step)  # with --save-best: {"step", "eval_loss"} of the best so far
     batches = micro_batches(pairs, plan, collator, cfg, start=start_step * cfg.grad_accum)
 
-    out.mkdir(parents=True, exist_ok=True)
-    if dist.is_main:
-        cfg.save(out / "train_config.json")
-    metrics = open_metrics(out / "metrics.jsonl", start_step if resume_from else None) if dist.is_main else None
-    trackers = open_trackers(
-        cfg.trackers() if dist.is_main else [], out, dataclasses.asdict(cfg), start_step if resume_from else None
-    )
-    progress = tqdm(total=total_steps, initial=start_step, disable=not dist.is_main, desc="dpo", dynamic_ncols=True)
-    stop, bad_in_a_row = StopSignal(), 0
+    # Loop: `step` counts optimizer steps; each takes grad_accum micro-batches of pairs.
+    run = RunLog(cfg, dist, total_steps, start_step, bool(resume_from), counters, name="dpo")
+    stop, bad_in_a_row = StopSignal(), 0  # SIGTERM or SIGINT: finish the step, save a checkpoint, exit
     save = partial(save_checkpoint, out, model=model, optimizer=optimizer, scheduler=scheduler, dist=dist, cfg=cfg,
                    counters=counters, processor=processor)  # fmt: skip
-    run_began, elapsed_before = time.perf_counter(), counters["elapsed_s"]
-
-    def elapsed() -> float:
-        return round(elapsed_before + time.perf_counter() - run_began, 1)
-
+    epoch_batches = len(plan.epoch(0))
     step = start_step
     try:
         if eval_pairs and not resume_from:  # the baseline: step 0 is the model as loaded
-            record = evaluate(model, eval_reference, eval_pairs, collator, cfg, dist, autocast, 0)
-            if dist.is_main:
-                log({**record, "elapsed_s": elapsed()}, metrics, trackers)
+            run.log(evaluate(model, eval_reference, eval_pairs, collator, cfg, dist, autocast, 0))
         model.train()
         for step in range(start_step + 1, total_steps + 1):
             began = time.perf_counter()
-            window = [next(batches) for _ in range(cfg.grad_accum)]
-            bad_samples = [problem for batch in window for problem in batch.pop("bad_samples")]
-            if bad_samples and not cfg.skip_bad_samples:
-                raise BadSample(f"{bad_samples[0]} (--skip-bad-samples skips such samples)")
-            lr = optimizer.param_groups[0]["lr"]
-            real = sum(real_tokens(b) for b in window)
-            computed = sum(b["input_ids"].numel() for b in window)
-            trained = sum((b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in window)
+            window, bad_samples = next_window(batches, cfg)
+            lr = optimizer.param_groups[0]["lr"]  # the LLM's (or LoRA's): the one this step uses
+            trained = sum((batch["labels"][:, 1:] != IGNORE_INDEX).sum() for batch in window)
             sums = forward_backward(model, reference, window, cfg, dist, autocast)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or math.inf)
-            finite = torch.isfinite(grad_norm).item()
+            finite = torch.isfinite(grad_norm).item()  # with the logging below, the step's only waits on the device
             if finite:
                 optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
-            counts = torch.tensor([real, computed - real, len(bad_samples), int(trained)], device=dist.device)
             stats = dict(zip(STATS, dist.all_reduce_sum(sums).tolist()))
-            tokens, padded_tokens, skipped, trained_tokens = dist.all_reduce_sum(counts).tolist()
-            pair_count = max(stats.pop("pairs"), 1)
-            stats = {name: value / pair_count for name, value in stats.items()}
-            bad_in_a_row = 0 if finite else bad_in_a_row + 1
-            counters["bad_steps"] += not finite
-            counters["skipped_samples"] += skipped
-            counters["elapsed_s"] = elapsed()
+            pair_count = stats.pop("pairs")
+            stats = {name: value / max(pair_count, 1) for name, value in stats.items()}  # means over the pairs
             record = {
                 "step": step,
-                "epoch": round(step * cfg.grad_accum / batches_per_epoch, 4),
+                "epoch": round(step * cfg.grad_accum / epoch_batches, 4),
                 **stats,
                 "reward_margin": stats["rewards_chosen"] - stats["rewards_rejected"],
                 "lr": lr,
                 "grad_norm": grad_norm.item(),
                 "pairs": int(pair_count),
-                "trained_tokens": trained_tokens,
-                "tokens": tokens,
-                "padded_tokens": padded_tokens,
-                "tokens_per_s": round(tokens / (time.perf_counter() - began), 1),
-                "peak_memory_gib": dist.peak_memory_gib(),
-                "skipped_step": not finite,
-                **counters,
+                "trained_tokens": int(dist.all_reduce_sum(trained.to(dist.device)).item()),
+                **step_numbers(step, window, bad_samples, finite, began, run, dist),
             }
-            if dist.is_main:
-                log(record, metrics, trackers)
-                progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['reward_accuracy']:.2f}")
-                progress.update()
+            run.log(record, loss=f"{record['loss']:.4f}", acc=f"{record['reward_accuracy']:.2f}")
+            bad_in_a_row = 0 if finite else bad_in_a_row + 1
             if bad_in_a_row >= cfg.max_bad_steps:
                 raise RunStopped(
                     f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (up to step "
                     f"{step}); the last checkpoint holds the last good weights. Try a lower --lr"
                 )
             stopping, folder = stop.requested(dist), None
-            if eval_pairs and (step == total_steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+            if evaluation_due(step, total_steps, cfg):
                 record = evaluate(model, eval_reference, eval_pairs, collator, cfg, dist, autocast, step)
-                if dist.is_main:
-                    log({**record, "elapsed_s": elapsed()}, metrics, trackers)
+                run.log(record)
                 if cfg.save_best and record["eval_loss"] < best["eval_loss"]:
                     best = {"step": step, "eval_loss": record["eval_loss"]}
                     folder = save(step, best=best)
-            if not folder and (stopping or (cfg.save_every and step % cfg.save_every == 0)):
+            if not folder and checkpoint_due(step, cfg, stopping):
                 folder = save(step, best=best)
             if stopping:
                 dist.print(f"stopped after step {step}, saved {folder}; run the same command with --resume to go on")
@@ -445,21 +375,10 @@ def train(cfg: DPOConfig, dist: Dist):
         raise out_of_memory(step) from None
     finally:
         stop.restore()
-        progress.close()
-        if metrics:
-            metrics.close()
-        trackers.close()
-        del batches
+        run.close()
+        del batches  # shuts the DataLoader's workers down (they ignore SIGTERM)
 
-    state_dict = dist.full_state_dict(model)
-    if dist.is_main:
-        save_model(out, dist.unwrap(model), state_dict)
-        processor.save_pretrained(out)
-        dist.print(f"saved the fine-tuned model to {out}\n{run_summary(out / 'metrics.jsonl')}")
-        if cfg.save_best and best["step"]:
-            kept = checkpoint_folder(out, best["step"])
-            dist.print(f"lowest eval loss {best['eval_loss']:.4f} at step {best['step']}, kept in {kept}")
-        write_report(out)
+    save_final(out, model, processor, dist, cfg, best)
     return model
 
 
