@@ -27,7 +27,6 @@ import torch.distributed as torch_dist
 import torch.nn.functional as F
 from peft import PeftModel
 from torch.utils.checkpoint import checkpoint
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from qwen_ft.checkpoint import best_checkpoint, save_checkpoint
@@ -46,6 +45,7 @@ from qwen_ft.training import (
     batch_plan,
     checkpoint_due,
     compute_dtype,
+    eval_batches,
     evaluation_due,
     micro_batches,
     next_window,
@@ -192,16 +192,9 @@ def reference_answer_logps(reference, batch: dict, numbers: torch.Tensor, autoca
 def evaluate(model, reference, pairs: Pairs, collator, cfg, dist: Dist, autocast, step: int) -> dict:
     """The eval record of a step: the mean loss, reward accuracy and reward margin over the eval pairs,
     computed as in training, each rank on its share and the sums added."""
-    model.eval()
-    batches = [pairs[i : i + cfg.batch_size] for i in range(0, len(pairs), cfg.batch_size)]
-    mine = batches[dist.rank :: dist.world_size]
-    # Every rank runs as many forwards (FSDP gathers the weights in each): one short runs an empty one.
-    mine += [[]] * (math.ceil(len(batches) / dist.world_size) - len(mine))
+    model.eval()  # no dropout
     totals = torch.zeros(3, device=dist.device)
-    for batch in DataLoader(mine, batch_size=None, collate_fn=collator, num_workers=cfg.num_workers):
-        bad_samples = batch.pop("bad_samples")
-        if bad_samples and not cfg.skip_bad_samples:
-            raise BadSample(f"{bad_samples[0]} (--skip-bad-samples skips such samples)")
+    for batch in eval_batches(pairs, collator, cfg, dist):
         n, numbers = batch.pop("pairs"), batch.pop("pair_numbers")
         batch = {key: value.to(dist.device) for key, value in batch.items()}
         logps = answer_logps(model, batch, autocast)
@@ -254,14 +247,10 @@ def precomputed_reference(reference, pairs: Pairs, collator, cfg, dist: Dist, au
         dist.print(f"reference log-probabilities of the {name} pairs: {path}")
         return torch.load(path, weights_only=True)
     table = torch.zeros(len(pairs.sides) // 2, 2, device=dist.device)
-    order = np.sort(pairs.order)
-    batches = [Pairs(pairs.sides, order[i : i + cfg.batch_size]) for i in range(0, len(order), cfg.batch_size)]
-    mine = batches[dist.rank :: dist.world_size]
-    mine += [[]] * (math.ceil(len(batches) / dist.world_size) - len(mine))
-    loader = DataLoader(mine, batch_size=None, collate_fn=collator, num_workers=cfg.num_workers)
-    for batch in tqdm(loader, desc=f"reference log-probabilities, {name} pairs", disable=not dist.is_main):
+    every_pair = Pairs(pairs.sides, np.sort(pairs.order))
+    batches = eval_batches(every_pair, collator, cfg, dist)
+    for batch in tqdm(batches, desc=f"reference log-probabilities, {name} pairs", disable=not dist.is_main):
         n, numbers = batch.pop("pairs"), batch.pop("pair_numbers")
-        batch.pop("bad_samples")
         logps = reference_answer_logps(reference, {k: v.to(dist.device) for k, v in batch.items()}, numbers, autocast)
         table[numbers.to(dist.device)] = torch.stack([logps[:n], logps[n:]], dim=1)
     table = dist.all_reduce_sum(table).cpu()  # each pair computed by one rank, zeros elsewhere

@@ -157,6 +157,24 @@ def next_window(batches, cfg) -> tuple[list[dict], list[str]]:
     return window, bad_samples
 
 
+def eval_batches(samples, collator, cfg, dist: Dist):
+    """This rank's share of the batches of samples (or pairs), --batch-size each, collated by DataLoader workers;
+    a sample whose media fail to load stops the run unless --skip-bad-samples. Every rank runs as many forwards
+    (FSDP gathers the weights in each): one short of batches runs an empty one, a padding token without labels
+    (and the blank image of distributed runs)."""
+    batches = [samples[i : i + cfg.batch_size] for i in range(0, len(samples), cfg.batch_size)]
+    mine = batches[dist.rank :: dist.world_size]
+    mine += [[]] * (math.ceil(len(batches) / dist.world_size) - len(mine))
+    loader = DataLoader(
+        mine, batch_size=None, collate_fn=collator, num_workers=cfg.num_workers, worker_init_fn=ignore_signals
+    )
+    for batch in loader:
+        bad_samples = batch.pop("bad_samples")
+        if bad_samples and not cfg.skip_bad_samples:
+            raise BadSample(f"{bad_samples[0]} (--skip-bad-samples skips such samples)")
+        yield batch
+
+
 class RunLog:
     """Where a run's records go, rank 0's: train_config.json, metrics.jsonl (one line per step across resumes),
     the --report-to trackers and the progress bar; and the run's seconds, across resumes."""
