@@ -13,7 +13,6 @@ import dataclasses
 import gc
 import hashlib
 import json
-import math
 import os
 import sys
 import time
@@ -29,7 +28,7 @@ from peft import PeftModel
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from qwen_ft.checkpoint import best_checkpoint, save_checkpoint
+from qwen_ft.checkpoint import save_checkpoint
 from qwen_ft.collate import IGNORE_INDEX, Collator
 from qwen_ft.config import Config, ConfigError, option, parse_config
 from qwen_ft.data import BadSample, DataError
@@ -43,13 +42,14 @@ from qwen_ft.training import (
     RunLog,
     autocast_of,
     batch_plan,
-    checkpoint_due,
+    checkpoint_after,
     compute_dtype,
     eval_batches,
     evaluation_due,
     micro_batches,
     next_window,
     optimizer_and_schedule,
+    optimizer_step,
     restore,
     resume_point,
     save_final,
@@ -299,8 +299,7 @@ def train(cfg: DPOConfig, dist: Dist):
     optimizer, scheduler, total_steps = optimizer_and_schedule(model, plan, cfg, dist)
 
     # Resume: weights, optimizer, schedule, random state and data position of the checkpoint.
-    start_step, counters = restore(resume_from, model, optimizer, scheduler, dist)
-    best = best_checkpoint(out, start_step)  # with --save-best: {"step", "eval_loss"} of the best so far
+    start_step, counters, best = restore(resume_from, model, optimizer, scheduler, cfg, dist)
     batches = micro_batches(pairs, plan, collator, cfg, start=start_step * cfg.grad_accum)
 
     # Loop: `step` counts optimizer steps; each takes grad_accum micro-batches of pairs.
@@ -320,12 +319,7 @@ def train(cfg: DPOConfig, dist: Dist):
             lr = optimizer.param_groups[0]["lr"]  # the LLM's (or LoRA's): the one this step uses
             trained = sum((batch["labels"][:, 1:] != IGNORE_INDEX).sum() for batch in window)
             sums = forward_backward(model, reference, window, cfg, dist, autocast)
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or math.inf)
-            finite = torch.isfinite(grad_norm).item()  # with the logging below, the step's only waits on the device
-            if finite:
-                optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm, finite = optimizer_step(trainable, optimizer, scheduler, cfg.max_grad_norm)
 
             stats = dict(zip(STATS, dist.all_reduce_sum(sums).tolist()))
             pair_count = stats.pop("pairs")
@@ -348,17 +342,12 @@ def train(cfg: DPOConfig, dist: Dist):
                     f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (up to step "
                     f"{step}); the last checkpoint holds the last good weights. Try a lower --lr"
                 )
-            stopping, folder = stop.requested(dist), None
+            record = None
             if evaluation_due(step, total_steps, cfg):
                 record = evaluate(model, eval_reference, eval_pairs, collator, cfg, dist, autocast, step)
                 run.log(record)
-                if cfg.save_best and record["eval_loss"] < best["eval_loss"]:
-                    best = {"step": step, "eval_loss": record["eval_loss"]}
-                    folder = save(step, best=best)
-            if not folder and checkpoint_due(step, cfg, stopping):
-                folder = save(step, best=best)
+            best, stopping = checkpoint_after(step, record, best, save, stop, cfg, dist)
             if stopping:
-                dist.print(f"stopped after step {step}, saved {folder}; run the same command with --resume to go on")
                 return model
     except torch.OutOfMemoryError:
         raise out_of_memory(step) from None

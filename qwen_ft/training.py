@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from qwen_ft.batching import BatchPlan
 from qwen_ft.checkpoint import (
+    best_checkpoint,
     check_resume_config,
     checkpoint_folder,
     find_checkpoint,
@@ -109,14 +110,16 @@ def optimizer_and_schedule(model, plan: BatchPlan, cfg, dist: Dist):
     return optimizer, make_scheduler(optimizer, cfg.warmup_steps, total_steps), total_steps
 
 
-def restore(resume_from: Path | None, model, optimizer, scheduler, dist: Dist) -> tuple[int, dict]:
-    """The step a run starts after and its running counts: the checkpoint's, with its weights, optimizer, schedule
-    and random state restored, or 0 and nothing counted yet."""
+def restore(resume_from: Path | None, model, optimizer, scheduler, cfg, dist: Dist) -> tuple[int, dict, dict]:
+    """The step a run starts after, its running counts and, for --save-best, {"step", "eval_loss"} of the best
+    checkpoint so far: the checkpoint's, with its weights, optimizer, schedule and random state restored, or 0,
+    nothing counted and no best yet."""
     counters = {"bad_steps": 0, "skipped_samples": 0, "elapsed_s": 0.0}
-    if not resume_from:
-        return 0, counters
-    state = load_checkpoint(resume_from, model, optimizer, scheduler, dist)
-    return state["step"], {name: state.get(name, 0) for name in counters}
+    start_step = 0
+    if resume_from:
+        state = load_checkpoint(resume_from, model, optimizer, scheduler, dist)
+        start_step, counters = state["step"], {name: state.get(name, 0) for name in counters}
+    return start_step, counters, best_checkpoint(Path(cfg.output_dir), start_step)
 
 
 def micro_batches(samples, plan: BatchPlan, collator, cfg, start: int):
@@ -239,14 +242,39 @@ def step_numbers(step: int, window: list[dict], bad_samples: list[str], finite: 
     }
 
 
+def optimizer_step(trainable: list, optimizer, scheduler, max_grad_norm: float) -> tuple[torch.Tensor, bool]:
+    """Clip the gradients to max_grad_norm (0: no clipping), update unless their norm is not finite (the same
+    on every rank), advance the schedule and zero the gradients. Returns the norm and whether it was finite:
+    the .item() here and the step's logging are its only waits on the device."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm or math.inf)
+    finite = torch.isfinite(grad_norm).item()
+    if finite:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, finite
+
+
 def evaluation_due(step: int, total_steps: int, cfg) -> bool:
     """After the last step, and every --eval-every steps."""
     return bool(cfg.eval_data) and (step == total_steps or bool(cfg.eval_every and step % cfg.eval_every == 0))
 
 
-def checkpoint_due(step: int, cfg, stopping: bool) -> bool:
-    """Every --save-every steps, and when a signal stops the run."""
-    return stopping or bool(cfg.save_every and step % cfg.save_every == 0)
+def checkpoint_after(step: int, record: dict | None, best: dict, save, stop, cfg, dist: Dist) -> tuple[dict, bool]:
+    """The checkpoint a step may end with: with --save-best, one if the step's evaluation (record, or None) has the
+    lowest eval loss so far, which becomes the best; else one every --save-every steps, and one when a signal asks
+    the run to stop (every rank sees it at the same step), which then says how to go on. Returns the best
+    checkpoint so far and whether to stop."""
+    folder = None
+    if record and cfg.save_best and record["eval_loss"] < best["eval_loss"]:
+        best = {"step": step, "eval_loss": record["eval_loss"]}
+        folder = save(step, best=best)
+    stopping = stop.requested(dist)  # a signal during the evaluation counts too
+    if not folder and (stopping or (cfg.save_every and step % cfg.save_every == 0)):
+        folder = save(step, best=best)
+    if stopping:
+        dist.print(f"stopped after step {step}, saved {folder}; run the same command with --resume to go on")
+    return best, stopping
 
 
 def save_final(out: Path, model, processor, dist: Dist, cfg, best: dict) -> None:

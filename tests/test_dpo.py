@@ -43,6 +43,7 @@ def pairs_file(folder, pairs=None) -> str:
         own(),
         own("b.png", "What shape is it?", "square", "circle"),
         own("b.png", "Where is the shape?", "bottom right", "top left", history=[("Say hi", "hi")]),
+        own("a.png", "Where is the shape?", "top left", "bottom left"),  # 4: two ranks take the same pairs as one
     ]
     return write_json(folder / "pairs.json", pairs)
 
