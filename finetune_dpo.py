@@ -40,12 +40,12 @@ from qwen_ft.samples import Source
 from qwen_ft.stop import RunStopped, StopSignal, out_of_memory
 from qwen_ft.training import (
     RunLog,
+    after_step,
     autocast_of,
     batch_plan,
-    checkpoint_after,
     compute_dtype,
+    data_workers,
     eval_batches,
-    evaluation_due,
     micro_batches,
     next_window,
     optimizer_and_schedule,
@@ -303,58 +303,46 @@ def train(cfg: DPOConfig, dist: Dist):
     batches = micro_batches(pairs, plan, collator, cfg, start=start_step * cfg.grad_accum)
 
     # Loop: `step` counts optimizer steps; each takes grad_accum micro-batches of pairs.
-    run = RunLog(cfg, dist, total_steps, start_step, bool(resume_from), counters, name="dpo")
-    stop, bad_in_a_row = StopSignal(), 0  # SIGTERM or SIGINT: finish the step, save a checkpoint, exit
+    stop = StopSignal()  # SIGTERM or SIGINT: finish the step, save a checkpoint, exit
     save = partial(save_checkpoint, out, model=model, optimizer=optimizer, scheduler=scheduler, dist=dist, cfg=cfg,
                    counters=counters, processor=processor)  # fmt: skip
-    epoch_batches = len(plan.epoch(0))
-    step = start_step
-    try:
-        if eval_pairs and not resume_from:  # the baseline: step 0 is the model as loaded
-            run.log(evaluate(model, eval_reference, eval_pairs, collator, cfg, dist, autocast, 0))
-        model.train()
-        for step in range(start_step + 1, total_steps + 1):
-            began = time.perf_counter()
-            window, bad_samples = next_window(batches, cfg)
-            lr = optimizer.param_groups[0]["lr"]  # the LLM's (or LoRA's): the one this step uses
-            trained = sum((batch["labels"][:, 1:] != IGNORE_INDEX).sum() for batch in window)
-            sums = forward_backward(model, reference, window, cfg, dist, autocast)
-            grad_norm, finite = optimizer_step(trainable, optimizer, scheduler, cfg.max_grad_norm)
+    evaluation = partial(evaluate, model, eval_reference, eval_pairs, collator, cfg, dist, autocast)
+    epoch_batches, step = len(plan.epoch(0)), start_step
+    with RunLog(cfg, dist, total_steps, start_step, bool(resume_from), counters, "dpo") as run, data_workers(batches):
+        try:
+            if eval_pairs and not resume_from:  # the baseline: step 0 is the model as loaded
+                run.log(evaluation(0))
+            model.train()
+            for step in range(start_step + 1, total_steps + 1):
+                began = time.perf_counter()
+                window, bad_samples = next_window(batches, cfg)
+                lr = optimizer.param_groups[0]["lr"]  # the LLM's (or LoRA's): the one this step uses
+                trained = sum((batch["labels"][:, 1:] != IGNORE_INDEX).sum() for batch in window)
+                sums = forward_backward(model, reference, window, cfg, dist, autocast)
+                grad_norm, finite = optimizer_step(trainable, optimizer, scheduler, cfg.max_grad_norm)
 
-            stats = dict(zip(STATS, dist.all_reduce_sum(sums).tolist()))
-            pair_count = stats.pop("pairs")
-            stats = {name: value / max(pair_count, 1) for name, value in stats.items()}  # means over the pairs
-            record = {
-                "step": step,
-                "epoch": round(step * cfg.grad_accum / epoch_batches, 4),
-                **stats,
-                "reward_margin": stats["rewards_chosen"] - stats["rewards_rejected"],
-                "lr": lr,
-                "grad_norm": grad_norm.item(),
-                "pairs": int(pair_count),
-                "trained_tokens": int(dist.all_reduce_sum(trained.to(dist.device)).item()),
-                **step_numbers(step, window, bad_samples, finite, began, run, dist),
-            }
-            run.log(record, loss=f"{record['loss']:.4f}", acc=f"{record['reward_accuracy']:.2f}")
-            bad_in_a_row = 0 if finite else bad_in_a_row + 1
-            if bad_in_a_row >= cfg.max_bad_steps:
-                raise RunStopped(
-                    f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (up to step "
-                    f"{step}); the last checkpoint holds the last good weights. Try a lower --lr"
-                )
-            record = None
-            if evaluation_due(step, total_steps, cfg):
-                record = evaluate(model, eval_reference, eval_pairs, collator, cfg, dist, autocast, step)
-                run.log(record)
-            best, stopping = checkpoint_after(step, record, best, save, stop, cfg, dist)
-            if stopping:
-                return model
-    except torch.OutOfMemoryError:
-        raise out_of_memory(step) from None
-    finally:
-        stop.restore()
-        run.close()
-        del batches  # shuts the DataLoader's workers down (they ignore SIGTERM)
+                stats = dict(zip(STATS, dist.all_reduce_sum(sums).tolist()))
+                pair_count = stats.pop("pairs")
+                stats = {name: value / max(pair_count, 1) for name, value in stats.items()}  # means over the pairs
+                record = {
+                    "step": step,
+                    "epoch": round(step * cfg.grad_accum / epoch_batches, 4),
+                    **stats,
+                    "reward_margin": stats["rewards_chosen"] - stats["rewards_rejected"],
+                    "lr": lr,
+                    "grad_norm": grad_norm.item(),
+                    "pairs": int(pair_count),
+                    "trained_tokens": int(dist.all_reduce_sum(trained.to(dist.device)).item()),
+                    **step_numbers(step, window, bad_samples, finite, began, run, dist),
+                }
+                run.log(record, loss=f"{record['loss']:.4f}", acc=f"{record['reward_accuracy']:.2f}")
+                best, stopping = after_step(step, finite, evaluation, best, save, stop, run, cfg, dist)
+                if stopping:
+                    return model
+        except torch.OutOfMemoryError:
+            raise out_of_memory(step) from None
+        finally:
+            stop.restore()
 
     save_final(out, model, processor, dist, cfg, best)
     return model

@@ -7,6 +7,7 @@ the batch plan, optimizer and schedule, the restored state, the micro-batches, t
 and checkpoints that fall due after a step, and the final save. None of them decides what a loop does.
 """
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -38,7 +39,7 @@ from qwen_ft.model import cast_trainable, load_model, set_trainable, trainable_t
 from qwen_ft.optim import make_optimizer, make_scheduler
 from qwen_ft.packing import real_tokens
 from qwen_ft.report import run_summary, write_report
-from qwen_ft.stop import ignore_signals
+from qwen_ft.stop import RunStopped, ignore_signals
 from qwen_ft.trackers import open_trackers
 
 
@@ -196,6 +197,13 @@ class RunLog:
             total=total_steps, initial=start_step, disable=not self.main, desc=name, dynamic_ncols=True
         )
         self.began, self.elapsed_before = time.perf_counter(), counters["elapsed_s"]
+        self.total_steps, self.bad_in_a_row = total_steps, 0  # bad_in_a_row: non-finite steps in a row (after_step)
+
+    def __enter__(self) -> "RunLog":
+        return self
+
+    def __exit__(self, *exception) -> None:
+        self.close()
 
     def elapsed(self) -> float:
         """Seconds of the run so far, across resumes."""
@@ -255,26 +263,41 @@ def optimizer_step(trainable: list, optimizer, scheduler, max_grad_norm: float) 
     return grad_norm, finite
 
 
-def evaluation_due(step: int, total_steps: int, cfg) -> bool:
-    """After the last step, and every --eval-every steps."""
-    return bool(cfg.eval_data) and (step == total_steps or bool(cfg.eval_every and step % cfg.eval_every == 0))
-
-
-def checkpoint_after(step: int, record: dict | None, best: dict, save, stop, cfg, dist: Dist) -> tuple[dict, bool]:
-    """The checkpoint a step may end with: with --save-best, one if the step's evaluation (record, or None) has the
-    lowest eval loss so far, which becomes the best; else one every --save-every steps, and one when a signal asks
-    the run to stop (every rank sees it at the same step), which then says how to go on. Returns the best
-    checkpoint so far and whether to stop."""
+def after_step(step: int, finite: bool, evaluation, best: dict, save, stop, run: "RunLog", cfg, dist: Dist):
+    """What may follow a step, in this order: the run stops if --max-bad-steps steps in a row were not finite;
+    after the last step and every --eval-every steps, evaluation(step) is logged; with --save-best a checkpoint
+    is written if its eval loss is the lowest so far (which becomes the best); else one every --save-every steps,
+    and one when a signal asks the run to stop (every rank sees it at the same step), which then says how to go
+    on. Returns the best checkpoint so far ({"step", "eval_loss"}) and whether to stop."""
+    run.bad_in_a_row = 0 if finite else run.bad_in_a_row + 1
+    if run.bad_in_a_row >= cfg.max_bad_steps:
+        raise RunStopped(
+            f"{run.bad_in_a_row} steps in a row had a non-finite loss or gradient (up to step "
+            f"{step}); the last checkpoint holds the last good weights. Try a lower --lr"
+        )
     folder = None
-    if record and cfg.save_best and record["eval_loss"] < best["eval_loss"]:
-        best = {"step": step, "eval_loss": record["eval_loss"]}
-        folder = save(step, best=best)
+    if cfg.eval_data and (step == run.total_steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+        record = evaluation(step)
+        run.log(record)
+        if cfg.save_best and record["eval_loss"] < best["eval_loss"]:
+            best = {"step": step, "eval_loss": record["eval_loss"]}
+            folder = save(step, best=best)
     stopping = stop.requested(dist)  # a signal during the evaluation counts too
     if not folder and (stopping or (cfg.save_every and step % cfg.save_every == 0)):
         folder = save(step, best=best)
     if stopping:
         dist.print(f"stopped after step {step}, saved {folder}; run the same command with --resume to go on")
     return best, stopping
+
+
+@contextlib.contextmanager
+def data_workers(batches):
+    """The DataLoader's workers of micro_batches, shut down when the block ends, however it ends: they ignore
+    SIGTERM (ignore_signals), so the interpreter's exit could not end them."""
+    try:
+        yield batches
+    finally:
+        getattr(batches, "_shutdown_workers", lambda: None)()  # none to shut down with --num-workers 0
 
 
 def save_final(out: Path, model, processor, dist: Dist, cfg, best: dict) -> None:
