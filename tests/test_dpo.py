@@ -123,8 +123,8 @@ def test_only_the_answer_trains_in_each_row(tmp_path, processor):
     collator = Collator(processor, 4096)
     pairs = Pairs(sides, torch.arange(len(sides) // 2).numpy())
     batch = PairCollator(collator)(list(pairs))
-    assert batch["pairs"] == 3 and batch["input_ids"].shape[0] == 6
-    rows = [(k, side) for side in (0, 1) for k in range(3)]  # the chosen rows, then the rejected ones
+    assert batch["pairs"] == 4 and batch["input_ids"].shape[0] == 8
+    rows = [(k, side) for side in (0, 1) for k in range(4)]  # the chosen rows, then the rejected ones
     for row, (k, side) in enumerate(rows):
         sample = sides.sample(2 * k + side)
         prompt = collator.process([sample.messages[:-1]], generation_prompt=True)["input_ids"][0].tolist()
@@ -214,7 +214,14 @@ def step_of(model, reference, window, **flags) -> tuple[float, dict]:
 
 
 # IPO's β is small, as its τ usually is: its square then dwarfs the fp32 rounding of the summed log-probs.
-@pytest.mark.parametrize("loss, beta, rpo_alpha", [("sigmoid", 0.3, 0.0), ("ipo", 0.05, 0.0), ("sigmoid", 0.3, 0.5)])
+@pytest.mark.parametrize(
+    "loss, beta, rpo_alpha",
+    [
+        ("sigmoid", 0.3, 0.0),
+        pytest.param("ipo", 0.05, 0.0, marks=pytest.mark.slow),
+        pytest.param("sigmoid", 0.3, 0.5, marks=pytest.mark.slow),  # RPO
+    ],
+)
 def test_the_loss_and_its_gradients_equal_the_equations_on_the_models_own_log_probabilities(
     tmp_path, tiny_model, processor, loss, beta, rpo_alpha
 ):
