@@ -46,6 +46,7 @@ job() {
         bench bench/compare_trl.py --size tiny --data mixed --recipe best --modes lora --samples 12 --repeats 1 \
             --work-dir "$runs"
         bench bench/train_throughput.py "${small[@]}" --mode full --work-dir "$runs" -- --optim adamw8bit
+        bench bench/compare_trl_dpo.py --size tiny --steps 3 --repeats 1 --image-side 112 --work-dir "$runs"
     else
         # The published shapes at 2048 tokens, 1024 of them one image's (the QLoRA 7B goal: under 10 GB).
         for mode in full lora; do
@@ -71,6 +72,9 @@ job() {
             bench bench/train_throughput.py --size 2b --mode full --work-dir "$runs" -- --optim "$optim"
         done
         bench bench/memory_plan.py --work-dir "$runs"
+        # finetune_dpo.py against TRL's DPOTrainer on the whole 2B shape, LoRA and full (bf16-mixed).
+        bench bench/compare_trl_dpo.py --size 2b --llm-layers 0 --modes lora,full --steps 12 --warmup 2 \
+            --batch-size 2 --work-dir "$runs"
     fi
     set +x
     echo "done"

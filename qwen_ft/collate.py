@@ -186,12 +186,16 @@ class Collator:
                 kept.append(sample)
             except MediaError as e:
                 bad.append(f"{sample.where}: {'video' if isinstance(e, VideoError) else 'image'} {e}")
-        if not kept:  # every sample failed: one padding token that trains nothing keeps the step going
+        return {**self.batch([sample.messages for sample in kept], media), "bad_samples": bad}
+
+    def batch(self, conversations: list[list[dict]], media: list) -> dict:
+        """The batch of these conversations, with their media already loaded (Collator.media), and labels."""
+        if not conversations:  # every sample failed: one padding token that trains nothing keeps the step going
             pad = self.processor.tokenizer.pad_token_id
             batch = {"input_ids": torch.tensor([[pad]]), "attention_mask": torch.ones(1, 1, dtype=torch.long)}
             batch["mm_token_type_ids"] = torch.zeros(1, 1, dtype=torch.long)
         else:
-            batch = self.process([sample.messages for sample in kept], media=media)
+            batch = self.process(conversations, media=media)
         batch = dict(batch)
         # drop_overlong() kept only samples whose images end within max_length, so this cuts text alone.
         for key in TOKEN_KEYS:
@@ -206,7 +210,7 @@ class Collator:
             batch = self.add_blank_image(batch)
         if self.rope_index is not None:
             batch = pack(batch, self.rope_index)
-        return {**batch, "bad_samples": bad}
+        return batch
 
     def add_blank_image(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The batch with a blank image after the first row's last token, masked out of attention and loss.

@@ -31,6 +31,8 @@ MEDIA_KEYS = ("url", "path")
 MESSAGE_KEYS = ("role", "content")
 # Other formats' stand-ins for media in text: read as such in those formats, a mistake in this one.
 PLACEHOLDERS = ("<image>", "<video>")
+# The keys of a preference pair (finetune_dpo.py) besides its format's: --columns may name them too.
+PAIR_KEYS = ("prompt", "chosen", "rejected")
 MAX_ERRORS_SHOWN = 10
 # A larger sample (a JSONL line; in other files, a sample's texts and media references) is refused before it is
 # copied: it is a mistake or an attack, and the copies a sample goes through would take many times its size. It
@@ -67,11 +69,11 @@ def parse_sources(spec: str) -> list[tuple[str, float]]:
 
 def parse_columns(spec: str) -> dict[str, str]:
     """--columns 'question=query,answer=label' as {"query": "question", "label": "answer"}: source column to key."""
-    renames = {}
+    renames, keys = {}, CONTENT_KEYS | {"id", *PAIR_KEYS}
     for item in filter(None, (i.strip() for i in spec.split(","))):
         key, _, column = item.partition("=")
-        if key not in CONTENT_KEYS | {"id"} or not column:
-            known = ", ".join(sorted(CONTENT_KEYS | {"id"}))
+        if key not in keys or not column:
+            known = ", ".join(sorted(keys))
             raise DataError(f"--columns: '{item}' is not KEY=COLUMN with KEY one of {known}")
         renames[column] = key
     return renames
@@ -253,11 +255,14 @@ def read_samples(
     require_answer: bool = True,
     data_format: str | None = None,
     columns: dict[str, str] | None = None,
+    split=None,
 ) -> Samples:
     """Parse and check every sample's structure, resolving media paths; DataError lists the problems.
 
     spec names the sources (see parse_sources); data_format, one of FORMATS, overrides detection;
-    columns renames a source's keys (parse_columns) before its format is detected."""
+    columns renames a source's keys (parse_columns) before its format is detected. split, for records that
+    hold several samples (a preference pair: pairs.split_pair), gives a record's samples by name, each then
+    read and checked as a sample of its own and kept in that order; problems name the sample they are in."""
     builder, errors = SampleBuilder(), []
     for path, weight in parse_sources(str(spec)):
         path = Path(path)
@@ -266,20 +271,28 @@ def read_samples(
         resolve_ref = resolver(path if path.is_dir() else path.parent, Path(media_root))
         agreed, unread, first = None, set(), len(builder)  # agreed: the formats all samples so far read the same in
         for index, (line, record) in enumerate(read_records(path)):
-            messages = []
+            checked = [[]]  # a sample in error keeps its place until the errors are raised
             try:
                 if not isinstance(record, dict):
                     raise ValueError(f"a sample is a {type(record).__name__}, expected an object")
                 record = {columns.get(key, key): value for key, value in record.items()} if columns else record
-                fits = (data_format,) if data_format else formats_of(record)
+                samples = split(record) if split else {"": record}
+                fits = (data_format,) if data_format else formats_of(next(iter(samples.values())))
                 agreed = agree(agreed, fits)
-                unread |= {key for key in record if key not in CONTENT_KEYS and key != "id"}
-                messages = check_sample(to_messages(record, fits[0]), resolve_ref, special_tokens, require_answer)
+                unread |= {k for sample in samples.values() for k in sample if k not in CONTENT_KEYS and k != "id"}
+                checked = []
+                for name, sample in samples.items():
+                    try:
+                        sample = to_messages(sample, fits[0])
+                        checked.append(check_sample(sample, resolve_ref, special_tokens, require_answer))
+                    except ValueError as e:
+                        raise ValueError(f"{name}: {e}" if name else str(e)) from None
             except ValueError as e:
                 errors.append(f"{where(path, index, line)}: {e}")
             except RecursionError:  # a value json could read, nested too deeply to be printed or copied
                 errors.append(f"{where(path, index, line)}: {TOO_DEEP}")
-            builder.add(index, line, messages)
+            for messages in checked:
+                builder.add(index, line, messages)
         if len(builder) == first:
             raise DataError(f"{path}: no samples")
         source.data_format = data_format or (agreed[0] if agreed else "")
@@ -321,14 +334,15 @@ def mix(samples: Samples, seed: int) -> Samples:
     return samples.select(np.concatenate(picked))
 
 
-def describe(samples: Samples) -> list[str]:
-    """A line per source: its samples, its format and the keys no format reads (kept out of training)."""
+def describe(samples: Samples, unit: str = "samples") -> list[str]:
+    """A line per source: its samples (or pairs: unit), its format and the keys no format reads (kept out of
+    training)."""
     counts = np.bincount(samples.table["source"][samples.order], minlength=len(samples.sources))
     lines = []
     for source, count in zip(samples.sources, counts.tolist()):
         unread = f"; not read: {', '.join(source.unread_keys)}" if source.unread_keys else ""
         weight = f" (weight {source.weight:g})" if source.weight != 1 else ""
-        lines.append(f"{source.path}: {count} samples{weight}, {source.data_format} format{unread}")
+        lines.append(f"{source.path}: {count} {unit}{weight}, {source.data_format} format{unread}")
     return lines
 
 

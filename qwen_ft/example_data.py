@@ -11,6 +11,10 @@ The train and test sets come from different seeds: no test picture is in the tra
 The grounding split (train_data/grounding/, test_data/grounding/) asks where the shape is, in pictures of
 varied sizes and aspect ratios with a shape at a random place and of a random size, and answers with its box,
 in pixels of the picture: each model family writes it in its own convention when it trains (grounding.py).
+
+pairs.json beside each data.json holds preference pairs for finetune_dpo.py, one for each picture
+question of data.json: the right answer chosen, a wrong one (another colour, shape or place, or the
+other picture) rejected.
 """
 
 import argparse
@@ -198,6 +202,27 @@ def grounding(out: Path, seed: int, samples: int) -> None:
     (out / "data.json").write_text(json.dumps(written, indent=1) + "\n")
 
 
+# The answers a question about a picture can have: a wrong one is drawn from the same list.
+ANSWER_CHOICES = (list(COLOURS), list(SHAPES), list(CORNERS), ["the first", "the second"])
+
+
+def write_pairs(out: Path, seed: int) -> None:
+    """OUT/pairs.json: a pair for each one-turn picture question of OUT/data.json, in qwen-ft's pair format."""
+    rng = random.Random(seed)
+    pairs = []
+    for sample in json.loads((out / "data.json").read_text()):
+        messages = sample["messages"]
+        if len(messages) != 2 or isinstance(messages[0]["content"], str):
+            continue  # multi-turn and text-only samples
+        if not all(part["type"] in ("image", "text") for part in messages[0]["content"]):
+            continue  # videos
+        answer = messages[1]["content"]
+        choices = next(c for c in ANSWER_CHOICES if answer in c)
+        wrong = rng.choice([c for c in choices if c != answer])
+        pairs.append({"messages": messages[:1], "chosen": answer, "rejected": wrong})
+    (out / "pairs.json").write_text(json.dumps(pairs, indent=1) + "\n")
+
+
 def generate(
     out: Path, seed: int, single: int, two_pictures: int, multi_turn: int, videos: int, text_repeats: int
 ) -> None:
@@ -208,6 +233,7 @@ def generate(
     writer.videos(videos)
     writer.text_only(text_repeats)
     writer.save()
+    write_pairs(out, seed)
 
 
 def main() -> None:

@@ -3,8 +3,9 @@
     python -m qwen_ft.report OUTPUT_DIR    # at any time, also while the run is going
 
 writes OUTPUT_DIR/summary.json (totals, throughput, best eval) and OUTPUT_DIR/report.png (loss, eval loss and exact
-match, learning rate, grad norm and tokens/s against steps). finetune.py calls write_report at the end of a run.
-The plot needs matplotlib (pip install "qwen-ft[report]"); summary.json doesn't.
+match, learning rate, grad norm and tokens/s against steps; for a preference run, its rewards and reward accuracy).
+finetune.py and finetune_dpo.py call write_report at the end of a run. The plot needs matplotlib
+(pip install "qwen-ft[report]"); summary.json doesn't.
 """
 
 import json
@@ -87,6 +88,10 @@ def summarize(rows: list[dict]) -> dict:
         "final_eval_exact_match": matched[-1]["eval_exact_match"] if matched else None,
         "best_eval_exact_match": best_match["eval_exact_match"] if best_match else None,
         "best_eval_exact_match_step": best_match["step"] if best_match else None,
+        # Preference runs (finetune_dpo.py): the share of pairs whose chosen answer the model prefers.
+        "final_reward_accuracy": last.get("reward_accuracy"),
+        "first_eval_reward_accuracy": evals[0].get("eval_reward_accuracy") if evals else None,
+        "final_eval_reward_accuracy": evals[-1].get("eval_reward_accuracy") if evals else None,
         "bad_steps": last.get("bad_steps", 0),
         "skipped_samples": last.get("skipped_samples", 0),
     }
@@ -132,6 +137,16 @@ def plot(rows: list[dict], png_path: Path, title: str = "") -> dict[str, dict[st
     }
     if not panels["eval exact match"]["eval"][0]:
         del panels["eval exact match"]  # generation eval was off: no empty panel
+    if any(finite(row.get("reward_accuracy")) for row in train):  # a preference run (finetune_dpo.py)
+        panels["rewards"] = {
+            "chosen": (*points(train, "rewards_chosen"), dict(color="tab:green", linewidth=0.8)),
+            "rejected": (*points(train, "rewards_rejected"), dict(color="tab:red", linewidth=0.8)),
+            "margin": (*points(train, "reward_margin"), dict(color="tab:blue", linewidth=1.2)),
+        }
+        panels["reward accuracy"] = {
+            "train": (*points(train, "reward_accuracy"), dict(color="tab:blue", alpha=0.5, linewidth=0.8)),
+            "eval": (*points(evals, "eval_reward_accuracy"), dict(color="tab:orange", marker="o")),
+        }
 
     columns = 2
     rows_of_panels = math.ceil(len(panels) / columns)
@@ -149,7 +164,7 @@ def plot(rows: list[dict], png_path: Path, title: str = "") -> dict[str, dict[st
         ax.grid(alpha=0.3)
         if len(lines) > 1:
             ax.legend()
-        if panel == "eval exact match":
+        if panel in ("eval exact match", "reward accuracy"):
             ax.set_ylim(-0.02, 1.02)  # a share: the whole range, so that a rise looks as big as it is
         if panel == "learning rate":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))

@@ -76,10 +76,11 @@ def reference_labels(messages, collator) -> list[int]:
     return labels
 
 
-def run_finetune(tiny_model, data, out: Path, *extra) -> str:
-    """Run finetune.py's main on bad data; returns the error it exits with, checking nothing trained."""
+def run_finetune(tiny_model, data, out: Path, *extra, main=finetune.main) -> str:
+    """Run finetune.py's main (or another loop's) on bad data; returns the error it exits with, checking nothing
+    trained."""
     with pytest.raises(SystemExit) as exit_info:
-        finetune.main(["--model", tiny_model, "--data", data, "--output-dir", str(out), "--num-workers", "0", *extra])
+        main(["--model", tiny_model, "--data", data, "--output-dir", str(out), "--num-workers", "0", *extra])
     assert exit_info.value.code not in (0, None)
     assert not (out / "metrics.jsonl").exists()  # stopped before the first training step
     return str(exit_info.value.code)
