@@ -30,14 +30,14 @@ from tqdm import tqdm
 
 from qwen_ft.checkpoint import save_checkpoint
 from qwen_ft.collate import IGNORE_INDEX, Collator
-from qwen_ft.config import Config, ConfigError, option, parse_config
-from qwen_ft.data import BadSample, DataError
+from qwen_ft.config import Config, option, parse_config
 from qwen_ft.data_index import files_of, index_folder, index_settings
 from qwen_ft.dist import Dist, init_distributed, single_device
-from qwen_ft.model import ModelUnavailable, load_model, load_processor
+from qwen_ft.model import load_model, load_processor
 from qwen_ft.pairs import PairCollator, Pairs, check_pair_budget, checked_pairs
+from qwen_ft.run import guarded_run
 from qwen_ft.samples import Source
-from qwen_ft.stop import RunStopped, StopSignal, out_of_memory
+from qwen_ft.stop import StopSignal, out_of_memory
 from qwen_ft.training import (
     RunLog,
     after_step,
@@ -46,6 +46,7 @@ from qwen_ft.training import (
     compute_dtype,
     data_workers,
     eval_batches,
+    launch,
     micro_batches,
     next_window,
     optimizer_and_schedule,
@@ -262,8 +263,15 @@ def precomputed_reference(reference, pairs: Pairs, collator, cfg, dist: Dist, au
 
 
 def train(cfg: DPOConfig, dist: Dist):
+    """Preference fine-tuning as cfg says (in each process of a torchrun job): fine_tune below, with the output
+    folder locked against a second run, and signals, a peer's death and a full disk stopping it cleanly."""
+    with guarded_run(cfg.output_dir, dist) as stop:
+        return fine_tune(cfg, dist, stop)
+
+
+def fine_tune(cfg: DPOConfig, dist: Dist, stop: StopSignal):
     out = Path(cfg.output_dir)
-    resume_from = resume_point(cfg, dist)
+    resume_from = resume_point(cfg, dist)  # checked before anything loads
     seed_everything(cfg.seed)
 
     # Pairs: every pair is read and checked (structure, media, length) before the model loads.
@@ -303,16 +311,19 @@ def train(cfg: DPOConfig, dist: Dist):
     batches = micro_batches(pairs, plan, collator, cfg, start=start_step * cfg.grad_accum)
 
     # Loop: `step` counts optimizer steps; each takes grad_accum micro-batches of pairs.
-    stop = StopSignal()  # SIGTERM or SIGINT: finish the step, save a checkpoint, exit
     save = partial(save_checkpoint, out, model=model, optimizer=optimizer, scheduler=scheduler, dist=dist, cfg=cfg,
                    counters=counters, processor=processor)  # fmt: skip
     evaluation = partial(evaluate, model, eval_reference, eval_pairs, collator, cfg, dist, autocast)
     epoch_batches, step = len(plan.epoch(0)), start_step
-    with RunLog(cfg, dist, total_steps, start_step, bool(resume_from), counters, "dpo") as run, data_workers(batches):
+    with RunLog(cfg, dist, model, total_steps, start_step, bool(resume_from), counters, "dpo") as run, \
+            data_workers(batches):  # fmt: skip
         try:
             if eval_pairs and not resume_from:  # the baseline: step 0 is the model as loaded
                 run.log(evaluation(0))
             model.train()
+            # From here on SIGTERM or SIGINT lets the step finish, saves a checkpoint and returns; a second one
+            # stops at once. Before, they stop the run at once: nothing would be lost.
+            stop.begin("stopping after this step, with a checkpoint")
             for step in range(start_step + 1, total_steps + 1):
                 began = time.perf_counter()
                 window, bad_samples = next_window(batches, cfg)
@@ -336,15 +347,13 @@ def train(cfg: DPOConfig, dist: Dist):
                     **step_numbers(step, window, bad_samples, finite, began, run, dist),
                 }
                 run.log(record, loss=f"{record['loss']:.4f}", acc=f"{record['reward_accuracy']:.2f}")
-                best, stopping = after_step(step, finite, evaluation, best, save, stop, run, cfg, dist)
+                best, stopping = after_step(step, finite, model, evaluation, best, save, stop, run, cfg, dist)
                 if stopping:
                     return model
         except torch.OutOfMemoryError:
             raise out_of_memory(step) from None
-        finally:
-            stop.restore()
 
-    save_final(out, model, processor, dist, cfg, best)
+    save_final(out, step, model, processor, stop, cfg, best, dist)
     return model
 
 
@@ -355,14 +364,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("error: --fsdp shards the model over several processes: run finetune_dpo.py with torchrun")
     dist = init_distributed(fsdp=cfg.fsdp) if distributed else single_device()
     try:
-        train(cfg, dist)
-    except (DataError, ModelUnavailable, ConfigError, RunStopped) as e:
-        if not distributed:
-            sys.exit(f"error: {e}")
-        # Every rank meets the same bad input and the same stop; one message is enough.
-        if dist.is_main or isinstance(e, BadSample):
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        launch(train, cfg, dist, distributed)
     finally:
         if distributed:
             torch_dist.destroy_process_group()

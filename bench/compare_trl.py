@@ -329,22 +329,23 @@ def child_finetune(spec: dict) -> dict:
     """Run finetune.py's main() in this process, recording the RSS after its model loads and the peak after
     its training loop, where its final save is skipped."""
     import finetune
+    from qwen_ft import training
 
     probe, out = Probe(), {}
-    for name in ("load_model", "save_model", "main"):
-        if not hasattr(finetune, name):
-            raise SystemExit(f"finetune.py has no {name}() any more: update bench/compare_trl.py")
-    load_model = finetune.load_model
+    for module, name in ((training, "load_model"), (finetune, "save_final"), (finetune, "main")):
+        if not hasattr(module, name):
+            raise SystemExit(f"{module.__name__} has no {name}() any more: update bench/compare_trl.py")
+    load_model = training.load_model
 
     def load_and_measure(*args, **kwargs):
         model = load_model(*args, **kwargs)
         probe.model_loaded()
         return model
 
-    def measure_instead_of_saving(folder, model, state_dict):
+    def measure_instead_of_saving(folder, step, model, *args):
         out.update(probe.result(model))
 
-    finetune.load_model, finetune.save_model = load_and_measure, measure_instead_of_saving
+    training.load_model, finetune.save_final = load_and_measure, measure_instead_of_saving
     finetune.main(finetune_argv(spec))
     rows = [json.loads(line) for line in (Path(spec["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
     out["steps"] = [

@@ -154,9 +154,10 @@ def check_same_batches(spec: dict) -> int:
 def child_finetune(spec: dict) -> dict:
     """Run finetune_dpo.py's main() here, measuring memory from its first load_model (the policy) on."""
     import finetune_dpo
+    from qwen_ft import training
 
     probe, out, loads = Probe(), {}, []
-    load_model = finetune_dpo.load_model
+    load_model = training.load_model  # the policy's (training.trainable_model); finetune_dpo's frozen copy's
 
     def load_and_measure(*args, **kwargs):
         model = load_model(*args, **kwargs)
@@ -165,10 +166,11 @@ def child_finetune(spec: dict) -> dict:
         loads.append(model)
         return model
 
-    def measure_instead_of_saving(folder, model, state_dict):
+    def measure_instead_of_saving(folder, step, model, *args):
         out.update(probe.result(model))
 
-    finetune_dpo.load_model, finetune_dpo.save_model = load_and_measure, measure_instead_of_saving
+    training.load_model = finetune_dpo.load_model = load_and_measure
+    finetune_dpo.save_final = measure_instead_of_saving
     finetune_dpo.main(finetune_argv(spec))
     rows = [json.loads(line) for line in (Path(spec["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
     out["steps"] = [

@@ -61,7 +61,7 @@ def main() -> None:
     device = "cuda:0" if torch.cuda.is_available() else "cpu"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device != "cpu" else [])
     # A save at the end would add its own peak (the output's one-dtype copy); the training's is wanted.
-    finetune.save_model = lambda *args, **kwargs: None
+    finetune.save_final = lambda *args, **kwargs: None
     with profile(activities=activities, profile_memory=True, record_shapes=True, with_stack=True) as prof:
         model = finetune.train(cfg, single_device())
     timeline = out / "memory.json.gz"

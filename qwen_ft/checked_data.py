@@ -20,16 +20,27 @@ def checked_samples(spec: str, cfg: Config, collator: Collator, dist: Dist) -> S
     samples = read_samples(spec, special_tokens=collator.tokens.all_strings, **cfg.reading())
     for line in describe(samples):
         dist.print(line)
+    check_and_measure(samples, cfg, collator, dist)
+    samples = fit(samples, cfg.max_length, quiet=not dist.is_main)
+    if not samples:
+        raise DataError(f"{spec}: no sample fits in --max-length {cfg.max_length}")
+    return mix(samples, cfg.seed)
+
+
+def check_and_measure(samples: Samples, cfg: Config, collator: Collator, dist: Dist, kind: str = "samples") -> None:
+    """Record the sizes of the samples' media and their token counts (into the Samples' table); DataError names
+    each sample whose media can't be read. For each source the data index holds nothing valid for, each process
+    checks the media of a share of its samples and counts their tokens, they exchange what they found, and the
+    first process adds it to the index, so that the next start on the same data skips this part. kind
+    ("samples", or "pairs": two samples a record) is part of the index's key, so that a file read both ways
+    keeps an entry for each."""
     index, settings, full = index_folder(cfg.output_dir), index_settings(cfg, collator), cfg.check_media == "full"
+    if kind != "samples":
+        settings["kind"] = kind
     unknown = sorted(set().union(*dist.all_gather_objects(load_index(index, samples, settings, full))))
-    # Each process checks and measures a share of what the index doesn't hold, and they exchange what they found.
     check_media(
         samples.of_sources(unknown), cfg.video(), collator.video_factor, full, dist=dist, max_pixels=cfg.max_pixels
     )
     measure(collator, samples.of_sources(unknown), dist)
     if dist.is_main and unknown:
         save_index(index, samples, settings, unknown, full)
-    samples = fit(samples, cfg.max_length, quiet=not dist.is_main)
-    if not samples:
-        raise DataError(f"{spec}: no sample fits in --max-length {cfg.max_length}")
-    return mix(samples, cfg.seed)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from qwen_ft.checks import check_and_measure
+from qwen_ft.checked_data import check_and_measure
 from qwen_ft.collate import IGNORE_INDEX, Collator
 from qwen_ft.data import PAIR_KEYS, DataError, describe, mix, raise_if_any, read_samples
 from qwen_ft.formats import ROLE_NAMES

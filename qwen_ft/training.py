@@ -1,10 +1,11 @@
-"""What every training loop (finetune.py, finetune_dpo.py) does around its own step, written once.
+"""What every training loop (finetune.py, finetune_dpo.py, finetune_grpo.py) does around its own step, written once.
 
 Each loop file reads top to bottom as a few calls to these, named for what they do, with its step in
 between: where a resumed run starts, the seeds, the model that trains (freezing or LoRA, precision),
 the batch plan, optimizer and schedule, the restored state, the micro-batches, the run's records
 (train_config.json, metrics.jsonl, trackers, progress bar), the step's common numbers, the evaluations
-and checkpoints that fall due after a step, and the final save. None of them decides what a loop does.
+and checkpoints that fall due after a step, the final save, and how a loop's main() ends on an error.
+None of them decides what a loop does.
 """
 
 import contextlib
@@ -13,6 +14,7 @@ import itertools
 import json
 import math
 import random
+import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -26,28 +28,34 @@ from qwen_ft.batching import BatchPlan
 from qwen_ft.checkpoint import (
     best_checkpoint,
     check_resume_config,
+    check_space,
     checkpoint_folder,
     find_checkpoint,
     load_checkpoint,
     open_metrics,
-    save_model,
+    save_final_model,
+    too_many_bad_steps,
 )
-from qwen_ft.data import BadSample
+from qwen_ft.config import ConfigError
+from qwen_ft.data import BadSample, DataError
 from qwen_ft.dist import Dist
 from qwen_ft.lora import add_lora, quantization_config
-from qwen_ft.model import cast_trainable, load_model, set_trainable, trainable_table
-from qwen_ft.optim import make_optimizer, make_scheduler
+from qwen_ft.model import ModelUnavailable, cast_trainable, load_model, set_trainable, trainable_table
+from qwen_ft.optim import check_optimizer, make_optimizer, make_scheduler
 from qwen_ft.packing import real_tokens
 from qwen_ft.report import run_summary, write_report
-from qwen_ft.stop import RunStopped, ignore_signals
+from qwen_ft.stop import PeerDied, RunStopped, ignore_signals, signals_deferred
 from qwen_ft.trackers import open_trackers
 
 
 def resume_point(cfg, dist: Dist) -> Path | None:
-    """The checkpoint --resume names, checked before anything loads: a config that can't resume exactly stops here."""
+    """The checkpoint --resume names, checked before anything loads: an --optim this device lacks, a damaged
+    checkpoint (every file there, none cut short; --resume latest passes over it) and a config that can't resume
+    exactly stop here."""
+    check_optimizer(cfg.optim, dist.device)
     if not cfg.resume:
         return None
-    folder = find_checkpoint(cfg.resume, Path(cfg.output_dir))
+    folder = find_checkpoint(cfg.resume, Path(cfg.output_dir), dist, cfg.lora)
     changes = check_resume_config(folder, cfg)
     dist.print(f"resuming from {folder}" + (f", with changes: {'; '.join(changes)}" if changes else ""))
     return folder
@@ -103,10 +111,10 @@ def batch_plan(lengths, cfg, dist: Dist) -> BatchPlan:
 
 
 def optimizer_and_schedule(model, plan: BatchPlan, cfg, dist: Dist):
-    """AdamW (each part at its own lr) and its warm-up and cosine schedule over the run's optimizer steps;
-    returns them and that number of steps."""
+    """AdamW (--optim: 32- or 8-bit states; each part at its own lr) and its warm-up and cosine schedule over the
+    run's optimizer steps; returns them and that number of steps."""
     part_lr = {"vision": cfg.vision_lr, "merger": cfg.merger_lr}
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, dist.device, part_lr)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, dist.device, part_lr, cfg.optim)
     total_steps = cfg.max_steps or math.ceil(plan.micro_batches_in(cfg.epochs) / cfg.grad_accum)
     return optimizer, make_scheduler(optimizer, cfg.warmup_steps, total_steps), total_steps
 
@@ -135,20 +143,21 @@ def micro_batches(samples, plan: BatchPlan, collator, cfg, start: int):
             skip = max(0, skip - len(batches))
 
     # One DataLoader for the whole run: its workers load across epoch boundaries instead of
-    # starting anew every epoch.
-    return iter(
-        DataLoader(
-            samples,
-            batch_sampler=indices(),
-            collate_fn=collator,
-            num_workers=cfg.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            worker_init_fn=ignore_signals,
-            # Its own generator: drawing worker seeds from the global one would make a resumed run's
-            # random numbers differ from those of a run never interrupted.
-            generator=torch.Generator().manual_seed(cfg.seed),
+    # starting anew every epoch. They start here, where a signal waits until they have started.
+    with signals_deferred():
+        return iter(
+            DataLoader(
+                samples,
+                batch_sampler=indices(),
+                collate_fn=collator,
+                num_workers=cfg.num_workers,
+                pin_memory=torch.cuda.is_available(),
+                worker_init_fn=ignore_signals,
+                # Its own generator: drawing worker seeds from the global one would make a resumed run's
+                # random numbers differ from those of a run never interrupted.
+                generator=torch.Generator().manual_seed(cfg.seed),
+            )
         )
-    )
 
 
 def next_window(batches, cfg) -> tuple[list[dict], list[str]]:
@@ -181,11 +190,14 @@ def eval_batches(samples, collator, cfg, dist: Dist):
 
 class RunLog:
     """Where a run's records go, rank 0's: train_config.json, metrics.jsonl (one line per step across resumes),
-    the --report-to trackers and the progress bar; and the run's seconds, across resumes."""
+    the --report-to trackers and the progress bar; and the run's seconds, across resumes. Opening it warns if the
+    disk can't hold the checkpoints and the model."""
 
-    def __init__(self, cfg, dist: Dist, total_steps: int, start_step: int, resumed: bool, counters: dict, name: str):
+    def __init__(self, cfg, dist: Dist, model, total_steps: int, start_step: int, resumed: bool, counters: dict,
+                 name: str):  # fmt: skip
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
+        check_space(out, model, dist, cfg)
         self.main, self.counters = dist.is_main, counters
         if self.main:
             cfg.save(out / "train_config.json")
@@ -263,7 +275,7 @@ def optimizer_step(trainable: list, optimizer, scheduler, max_grad_norm: float) 
     return grad_norm, finite
 
 
-def after_step(step: int, finite: bool, evaluation, best: dict, save, stop, run: "RunLog", cfg, dist: Dist):
+def after_step(step: int, finite: bool, model, evaluation, best: dict, save, stop, run: "RunLog", cfg, dist: Dist):
     """What may follow a step, in this order: the run stops if --max-bad-steps steps in a row were not finite;
     after the last step and every --eval-every steps, evaluation(step) is logged; with --save-best a checkpoint
     is written if its eval loss is the lowest so far (which becomes the best); else one every --save-every steps,
@@ -271,10 +283,7 @@ def after_step(step: int, finite: bool, evaluation, best: dict, save, stop, run:
     on. Returns the best checkpoint so far ({"step", "eval_loss"}) and whether to stop."""
     run.bad_in_a_row = 0 if finite else run.bad_in_a_row + 1
     if run.bad_in_a_row >= cfg.max_bad_steps:
-        raise RunStopped(
-            f"{run.bad_in_a_row} steps in a row had a non-finite loss or gradient (up to step "
-            f"{step}); the last checkpoint holds the last good weights. Try a lower --lr"
-        )
+        raise too_many_bad_steps(run.bad_in_a_row, step, model, dist, Path(cfg.output_dir))
     folder = None
     if cfg.eval_data and (step == run.total_steps or (cfg.eval_every and step % cfg.eval_every == 0)):
         record = evaluation(step)
@@ -300,17 +309,36 @@ def data_workers(batches):
         getattr(batches, "_shutdown_workers", lambda: None)()  # none to shut down with --num-workers 0
 
 
-def save_final(out: Path, model, processor, dist: Dist, cfg, best: dict) -> None:
+def save_final(out: Path, step: int, model, processor, stop, cfg, best: dict, dist: Dist) -> None:
     """The fine-tuned model as from_pretrained loads it (fp32 under bf16-mixed: see one_dtype), or with LoRA a
-    peft adapter (plus modules trained in full), with the processor; the run's summary, report.png and
+    peft adapter (plus modules trained in full), with the processor, written beside and then moved in, so that a
+    folder that looks like a model holds one (every rank takes part); the run's summary, report.png and
     summary.json."""
-    state_dict = dist.full_state_dict(model)  # FSDP gathers the shards (all ranks); else None
+    stop.begin("stopping once the model is saved")
+    save_final_model(out, step, model, processor, dist, stop, cfg.full_disk_wait)
     if not dist.is_main:
         return
-    save_model(out, dist.unwrap(model), state_dict)
-    processor.save_pretrained(out)
     dist.print(f"saved the fine-tuned model to {out}\n{run_summary(out / 'metrics.jsonl')}")
     if cfg.save_best and best["step"]:
         kept = checkpoint_folder(out, best["step"])
         dist.print(f"lowest eval loss {best['eval_loss']:.4f} at step {best['step']}, kept in {kept}")
     write_report(out)  # report.png and summary.json; a failure is a warning, never the run's end
+
+
+def launch(train, cfg, dist: Dist, distributed: bool) -> None:
+    """A loop's main(): train(cfg, dist), and an error that ends the run said in one line, without a traceback.
+    Under torchrun every rank meets the same bad input and the same stop, so rank 0 alone says it; but a sample
+    that fails to load while training fails on one rank only, and a peer's death is seen by every rank left
+    (rank 0 may be the one that died): each says so."""
+    try:
+        train(cfg, dist)
+    except (DataError, ModelUnavailable, ConfigError, RunStopped) as e:
+        if not distributed:
+            sys.exit(f"error: {e}")
+        if dist.is_main or isinstance(e, (BadSample, PeerDied)):
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt as e:  # a second signal, or one before training began: one line, no traceback
+        if dist.is_main:
+            print(f"\n{e or 'interrupted'}", file=sys.stderr, flush=True)
+        sys.exit(getattr(e, "exit_code", 130))

@@ -8,6 +8,7 @@ from helpers import collate, picture, qa, write_json
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import finetune
+from qwen_ft import training
 from qwen_ft.collate import IGNORE_INDEX, Collator
 from qwen_ft.config import parse_config
 from qwen_ft.data import read_samples
@@ -197,7 +198,7 @@ def test_each_part_trains_at_its_own_learning_rate(tmp_path, family_model, famil
 
 
 def test_the_optimizer_steps_with_the_gradient_clipped_to_max_grad_norm(tmp_path, tiny_model, monkeypatch):
-    seen, real_make_optimizer = [], finetune.make_optimizer  # seen: the gradient norm each optimizer step is given
+    seen, real_make_optimizer = [], training.make_optimizer  # seen: the gradient norm each optimizer step is given
 
     def gradient_norm(optimizer, args, kwargs):
         gradients = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -208,7 +209,7 @@ def test_the_optimizer_steps_with_the_gradient_clipped_to_max_grad_norm(tmp_path
         optimizer.register_step_pre_hook(gradient_norm)
         return optimizer
 
-    monkeypatch.setattr(finetune, "make_optimizer", make_optimizer)
+    monkeypatch.setattr(training, "make_optimizer", make_optimizer)
     flags = ["--max-steps", "2", "--batch-size", "1", "--grad-accum", "1", "--precision", "fp32", "--lr", "1e-3"]
     train(tiny_model, small_dataset(tmp_path), tmp_path / "out", *flags, "--max-grad-norm", "0.01")
     logged = [m["grad_norm"] for m in metrics(tmp_path / "out")]
