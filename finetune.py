@@ -11,6 +11,7 @@ torchrun job.
 
 import dataclasses
 import json
+import math
 import sys
 import time
 from functools import partial
@@ -44,7 +45,6 @@ from qwen_ft.training import (
     micro_batches,
     next_window,
     optimizer_and_schedule,
-    optimizer_step,
     restore,
     resume_point,
     save_final,
@@ -186,7 +186,14 @@ def fine_tune(cfg: Config, dist: Dist, stop: StopSignal):
                 window, bad_samples = next_window(batches, cfg)
                 lr = optimizer.param_groups[0]["lr"]  # the LLM's (or LoRA's): the one this step uses
                 loss_sum, trained_tokens = forward_backward(model, window, dist, autocast)
-                grad_norm, finite = optimizer_step(trainable, optimizer, scheduler, cfg.max_grad_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or math.inf)
+                # A non-finite gradient norm (the same on every rank) skips the update. .item() and the
+                # logging below are the step's only waits on the device.
+                finite = torch.isfinite(grad_norm).item()
+                if finite:
+                    optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
 
                 loss = (dist.all_reduce_sum(loss_sum) / trained_tokens).item()
                 record = {

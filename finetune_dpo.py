@@ -13,6 +13,7 @@ import dataclasses
 import gc
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -50,7 +51,6 @@ from qwen_ft.training import (
     micro_batches,
     next_window,
     optimizer_and_schedule,
-    optimizer_step,
     restore,
     resume_point,
     save_final,
@@ -330,7 +330,12 @@ def fine_tune(cfg: DPOConfig, dist: Dist, stop: StopSignal):
                 lr = optimizer.param_groups[0]["lr"]  # the LLM's (or LoRA's): the one this step uses
                 trained = sum((batch["labels"][:, 1:] != IGNORE_INDEX).sum() for batch in window)
                 sums = forward_backward(model, reference, window, cfg, dist, autocast)
-                grad_norm, finite = optimizer_step(trainable, optimizer, scheduler, cfg.max_grad_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or math.inf)
+                finite = torch.isfinite(grad_norm).item()  # not finite (on every rank alike): no update
+                if finite:
+                    optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
 
                 stats = dict(zip(STATS, dist.all_reduce_sum(sums).tolist()))
                 pair_count = stats.pop("pairs")

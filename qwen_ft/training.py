@@ -262,19 +262,6 @@ def step_numbers(step: int, window: list[dict], bad_samples: list[str], finite: 
     }
 
 
-def optimizer_step(trainable: list, optimizer, scheduler, max_grad_norm: float) -> tuple[torch.Tensor, bool]:
-    """Clip the gradients to max_grad_norm (0: no clipping), update unless their norm is not finite (the same
-    on every rank), advance the schedule and zero the gradients. Returns the norm and whether it was finite:
-    the .item() here and the step's logging are its only waits on the device."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm or math.inf)
-    finite = torch.isfinite(grad_norm).item()
-    if finite:
-        optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm, finite
-
-
 def after_step(step: int, finite: bool, model, evaluation, best: dict, save, stop, run: "RunLog", cfg, dist: Dist):
     """What may follow a step, in this order: the run stops if --max-bad-steps steps in a row were not finite;
     after the last step and every --eval-every steps, evaluation(step) is logged; with --save-best a checkpoint
