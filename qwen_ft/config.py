@@ -214,10 +214,13 @@ def _value_type(annotation):
     return annotation
 
 
-def build_parser(description: str | None = None, only: tuple[str, ...] | None = None) -> argparse.ArgumentParser:
-    """The flags of every Config field, or of the fields named in `only` (the tools that use a few)."""
+def build_parser(
+    description: str | None = None, only: tuple[str, ...] | None = None, config: type = Config
+) -> argparse.ArgumentParser:
+    """The flags of every field of config (Config, or a loop's subclass with its own fields), or of the fields
+    named in `only` (the tools that use a few)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(Config):
+    for f in dataclasses.fields(config):
         if only is not None and f.name not in only:
             continue
         flag = "--" + f.name.replace("_", "-")
@@ -229,12 +232,12 @@ def build_parser(description: str | None = None, only: tuple[str, ...] | None = 
     return parser
 
 
-def parse_config(argv: list[str] | None = None, description: str | None = None) -> Config:
-    parser = build_parser(description)
+def parse_config(argv: list[str] | None = None, description: str | None = None, config: type = Config) -> Config:
+    parser = build_parser(description, config=config)
     args = parser.parse_args(argv)
     if args.lora and args.qlora:
         parser.error("--lora and --qlora: pass one (--qlora is LoRA on a 4-bit base)")
     try:
-        return Config(**vars(args))
+        return config(**vars(args))
     except ValueError as e:
         parser.error(str(e))
