@@ -44,6 +44,7 @@ from qwen_ft.generate import greedy_answers
 from qwen_ft.lora import add_lora, quantization_config
 from qwen_ft.model import ModelUnavailable, cast_trainable, load_model, load_processor, set_trainable, trainable_table
 from qwen_ft.optim import make_optimizer, make_scheduler
+from qwen_ft.packing import real_tokens
 from qwen_ft.report import write_report
 from qwen_ft.rewards import RewardError, parse_rewards, score
 from qwen_ft.rollout import PromptCollator, check_prompts, prompt_and_reference, sample_completions, with_completions
@@ -251,6 +252,7 @@ def rollout_metrics(window: list[dict], rewards, cfg: GRPOConfig, dist: Dist) ->
         "reward": torch.cat([r["reward"] for r in window]).tolist(),
         "scores": torch.cat([r["scores"] for r in window], dim=1).tolist(),
         "lengths": torch.cat([r["mask"].sum(dim=1) for r in window]).tolist(),
+        "tokens": sum(real_tokens(r["batch"]) for r in window),  # prompts and answers, without padding
     }
     gathered = dist.all_gather_objects(local)
     reward = torch.tensor([value for rank in gathered for value in rank["reward"]])
@@ -264,6 +266,8 @@ def rollout_metrics(window: list[dict], rewards, cfg: GRPOConfig, dist: Dist) ->
     record["zero_std_groups"] = (groups.max(dim=1).values == groups.min(dim=1).values).float().mean().item()
     record["completion_length"] = sum(lengths) / len(lengths)
     record["completion_length_max"] = max(lengths)
+    record["tokens"] = sum(rank["tokens"] for rank in gathered)
+    record["trained_tokens"] = sum(lengths)
     return record
 
 
@@ -445,7 +449,8 @@ def train(cfg: GRPOConfig, dist: Dist):
             bad_in_a_row = 0 if finite else bad_in_a_row + 1
             counters["bad_steps"] += not finite
             counters["elapsed_s"] = elapsed()
-            generated = sum(r["mask"].sum().item() for r in window) if generation_s else 0
+            generated = sum(r["mask"].sum().item() for r in window) if generation_s else 0  # this rank's
+            train_s = time.perf_counter() - train_began
             record = {
                 "step": step,
                 "epoch": round(math.ceil(step / cfg.num_iterations) * cfg.grad_accum / batches_per_epoch, 4),
@@ -454,8 +459,9 @@ def train(cfg: GRPOConfig, dist: Dist):
                 "clip_fraction": objective["clip_fraction"],
                 **({"kl": objective["kl"]} if cfg.beta else {}),
                 "generation_s": round(generation_s, 3),
-                "train_s": round(time.perf_counter() - train_began, 3),
+                "train_s": round(train_s, 3),
                 "generation_tokens_per_s": round(generated / generation_s, 1) if generation_s else None,
+                "tokens_per_s": round(scored["tokens"] / (generation_s + train_s), 1),
                 "lr": lr,
                 "grad_norm": grad_norm.item(),
                 "peak_memory_gib": dist.peak_memory_gib(),

@@ -53,7 +53,7 @@ class Answerer:
         return greedy_answers(self.model, self.collator, conversations, max_new_tokens)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: FSDP would gather weights into inference tensors that training can't update
 def greedy_answers(model, collator: Collator, conversations: list[list[dict]], max_new_tokens: int) -> list[str]:
     """The model's greedy answers to conversations that end with a user message, up to <|im_end|>."""
     # Left padding: every prompt then ends where generation starts.

@@ -422,3 +422,58 @@ def test_ddp_equals_one_process_on_fixed_completions(setup, tmp_path, tiny_model
     for a, b in zip(rows(tmp_path / "one"), rows(tmp_path / "two"), strict=True):
         for key in ("loss", "reward", "reward_std", "completion_length", "grad_norm", "kl"):
             assert (key in a) == (key in b) and a.get(key, 0) == pytest.approx(b.get(key, 0), rel=1e-4), key
+
+
+@pytest.mark.slow
+def test_fsdp_samples_trains_evaluates_and_saves(setup, tmp_path, tiny_model):
+    """Sampling under FSDP: every forward of generate gathers weights on all ranks, which keep stepping until
+    the last has finished (synced_gpus), however long each rank's answers are."""
+    _, _, _, data = setup
+    args = [
+        "--model",
+        tiny_model,
+        "--data",
+        data,
+        "--eval-data",
+        data,
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--num-workers",
+        "0",
+        "--precision",
+        "fp32",
+        "--num-generations",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "1",
+        "--fsdp",
+        "--temperature",
+        "2",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(REPO / "finetune_grpo.py"),
+            *args,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "loss" in row] == [1, 2]
+    assert [row["step"] for row in rows if "eval_reward" in row] == [0, 2]
+    assert (tmp_path / "out" / "model.safetensors").exists()
