@@ -43,6 +43,7 @@ job() {
         bench bench/train_throughput.py "${small[@]}" --mode lora --family qwen3-vl --work-dir "$runs"
         bench bench/packing.py --size tiny --samples 24 --repeats 1 --work-dir "$runs"
         bench bench/compare_trl.py --size tiny --steps 3 --repeats 1 --work-dir "$runs"
+        bench bench/grpo_step.py --size tiny --max-new-tokens 16 --steps 3 --warmup 1 --work-dir "$runs"
     else
         # The published shapes at 2048 tokens, 1024 of them one image's (the QLoRA 7B goal: under 10 GB).
         for mode in full lora; do
@@ -59,6 +60,10 @@ job() {
         bench bench/train_throughput.py --family qwen3-vl --size 2b --mode lora --work-dir "$runs"
         # Against TRL's SFTTrainer on the whole 2B shape, LoRA and full.
         bench bench/compare_trl.py --size 2b --llm-layers 0 --steps 12 --warmup 2 --repeats 1 --work-dir "$runs"
+        # GRPO: a step's sampling (2 prompts x 8 answers of 128 tokens, KV cache) against its policy update.
+        for mode in lora full; do
+            bench bench/grpo_step.py --size 2b --mode "$mode" --work-dir "$runs"
+        done
     fi
     set +x
     echo "done"
