@@ -1,9 +1,10 @@
 """Fine-tune a Qwen vision-language model on images, video and text: the whole training loop, in one file.
 
-Read train() top to bottom: config -> seed -> data (checked before the model loads) -> model ->
+Read fine_tune() top to bottom: config -> seed -> data (checked before the model loads) -> model ->
 freezing or LoRA -> optimizer and schedule -> resume -> loop -> save. The step itself is the loop
-with forward_backward just above it. finetune_distributed.py runs this same train() in every
-process of a torchrun job.
+with forward_backward just above it. train() runs it with the output folder locked and signals
+handled (qwen_ft/run.py); finetune_distributed.py runs this same train() in every process of a
+torchrun job.
 
     python finetune.py --model Qwen/Qwen2-VL-2B-Instruct --data train_data/data.json --output-dir output
 """
@@ -26,25 +27,25 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from qwen_ft.batching import BatchPlan, check_token_budget
+from qwen_ft.checked_data import checked_samples
 from qwen_ft.checkpoint import (
     best_checkpoint,
     check_resume_config,
+    check_space,
     checkpoint_folder,
     find_checkpoint,
     load_checkpoint,
     open_metrics,
     save_checkpoint,
-    save_model,
+    save_final_model,
+    too_many_bad_steps,
 )
 from qwen_ft.collate import IGNORE_INDEX, Collator
 from qwen_ft.config import Config, ConfigError, parse_config
-from qwen_ft.data import BadSample, DataError, describe, mix, read_samples
-from qwen_ft.data_index import index_folder, index_settings, load_index, save_index
+from qwen_ft.data import BadSample, DataError
 from qwen_ft.dist import Dist, single_device
 from qwen_ft.generate import answer_samples
-from qwen_ft.lengths import fit, measure
 from qwen_ft.lora import add_lora, quantization_config
-from qwen_ft.media_check import check_media
 from qwen_ft.model import (
     ModelUnavailable,
     cast_trainable,
@@ -53,11 +54,12 @@ from qwen_ft.model import (
     set_trainable,
     trainable_table,
 )
-from qwen_ft.optim import make_optimizer, make_scheduler
+from qwen_ft.optim import check_optimizer, make_optimizer, make_scheduler
 from qwen_ft.packing import real_tokens, rope_index_of
+from qwen_ft.plan import run_prediction, summary_line
 from qwen_ft.report import run_summary, write_report
-from qwen_ft.samples import Samples
-from qwen_ft.stop import RunStopped, StopSignal, ignore_signals, out_of_memory
+from qwen_ft.run import guarded_run
+from qwen_ft.stop import RunStopped, StopSignal, ignore_signals, out_of_memory, signals_deferred
 from qwen_ft.trackers import open_trackers
 
 EVAL_MAX_NEW_TOKENS = 128  # longest answer generated at an evaluation
@@ -111,7 +113,10 @@ def evaluate(model, samples, collator: Collator, cfg: Config, dist: Dist, autoca
     # empty one, a padding token without labels (and the blank image of distributed runs).
     mine += [[]] * (math.ceil(len(batches) / dist.world_size) - len(mine))
     totals = torch.zeros(2, device=dist.device)
-    for batch in DataLoader(mine, batch_size=None, collate_fn=collator, num_workers=cfg.num_workers):
+    loader = DataLoader(
+        mine, batch_size=None, collate_fn=collator, num_workers=cfg.num_workers, worker_init_fn=ignore_signals
+    )
+    for batch in loader:
         bad_samples = batch.pop("bad_samples")
         if bad_samples and not cfg.skip_bad_samples:
             raise BadSample(f"{bad_samples[0]} (--skip-bad-samples skips such samples)")
@@ -156,44 +161,35 @@ def micro_batches(samples, plan: BatchPlan, collator: Collator, cfg: Config, sta
             skip = max(0, skip - len(batches))
 
     # One DataLoader for the whole run: its workers load across epoch boundaries instead of
-    # starting anew every epoch.
-    return iter(
-        DataLoader(
-            samples,
-            batch_sampler=indices(),
-            collate_fn=collator,
-            num_workers=cfg.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            worker_init_fn=ignore_signals,
-            # Its own generator: drawing worker seeds from the global one would make a resumed run's
-            # random numbers differ from those of a run never interrupted.
-            generator=torch.Generator().manual_seed(cfg.seed),
+    # starting anew every epoch. They start here, where a signal waits until they have started.
+    with signals_deferred():
+        return iter(
+            DataLoader(
+                samples,
+                batch_sampler=indices(),
+                collate_fn=collator,
+                num_workers=cfg.num_workers,
+                pin_memory=torch.cuda.is_available(),
+                worker_init_fn=ignore_signals,
+                # Its own generator: drawing worker seeds from the global one would make a resumed run's
+                # random numbers differ from those of a run never interrupted.
+                generator=torch.Generator().manual_seed(cfg.seed),
+            )
         )
-    )
-
-
-def checked_samples(spec: str, cfg: Config, collator: Collator, dist: Dist) -> Samples:
-    """The samples of --data (or --eval-data), checked (structure, media, length) and mixed by their sources'
-    weights; the first problems stop the run. What the data index holds for a source is not checked again."""
-    samples = read_samples(spec, special_tokens=collator.tokens.all_strings, **cfg.reading())
-    for line in describe(samples):
-        dist.print(line)
-    index, settings, full = index_folder(cfg.output_dir), index_settings(cfg, collator), cfg.check_media == "full"
-    unknown = sorted(set().union(*dist.all_gather_objects(load_index(index, samples, settings, full))))
-    # Each process checks and measures a share of what the index doesn't hold, and they exchange what they found.
-    check_media(samples.of_sources(unknown), cfg.video(), collator.video_factor, full, dist=dist)
-    measure(collator, samples.of_sources(unknown), dist)
-    if dist.is_main and unknown:
-        save_index(index, samples, settings, unknown, full)
-    samples = fit(samples, cfg.max_length, quiet=not dist.is_main)
-    if not samples:
-        raise DataError(f"{spec}: no sample fits in --max-length {cfg.max_length}")
-    return mix(samples, cfg.seed)
 
 
 def train(cfg: Config, dist: Dist):
+    """Fine-tune as cfg says (in each process of a torchrun job): fine_tune below, with the output folder
+    locked against a second run, and signals, a peer's death and a full disk stopping it cleanly."""
+    with guarded_run(cfg.output_dir, dist) as stop:
+        return fine_tune(cfg, dist, stop)
+
+
+def fine_tune(cfg: Config, dist: Dist, stop: StopSignal):
     out = Path(cfg.output_dir)
-    resume_from = find_checkpoint(cfg.resume, out) if cfg.resume else None
+    check_optimizer(cfg.optim, dist.device)
+    # Each checkpoint is checked (every file there, none cut short) before anything loads.
+    resume_from = find_checkpoint(cfg.resume, out, dist, cfg.lora) if cfg.resume else None
     if resume_from:  # before anything loads: a config that can't resume exactly stops here
         changes = check_resume_config(resume_from, cfg)
         dist.print(f"resuming from {resume_from}" + (f", with changes: {'; '.join(changes)}" if changes else ""))
@@ -235,13 +231,14 @@ def train(cfg: Config, dist: Dist):
     if cfg.precision == "bf16-mixed":
         cast_trainable(model, torch.float32)
     dist.print(trainable_table(model))
+    dist.print(summary_line(run_prediction(model, cfg, samples, collator, dist.world_size)))  # python -m qwen_ft.plan
     # DDP or FSDP in a distributed run; as it is in one process.
     model = dist.wrap(model, torch.float32 if cfg.precision == "fp32" else torch.bfloat16)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     # Optimizer and schedule; the plan deals the micro-batches to the ranks (all of them, with one).
     part_lr = {"vision": cfg.vision_lr, "merger": cfg.merger_lr}
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, dist.device, part_lr)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, dist.device, part_lr, cfg.optim)
     lengths = tuple(samples.lengths.tolist())
     plan = BatchPlan(
         lengths, cfg.batch_size, cfg.max_tokens, cfg.packing, cfg.shuffle, cfg.seed, dist.rank, dist.world_size
@@ -260,6 +257,7 @@ def train(cfg: Config, dist: Dist):
 
     # Loop: `step` counts optimizer steps; each takes grad_accum micro-batches.
     out.mkdir(parents=True, exist_ok=True)
+    check_space(out, model, dist, cfg)  # a warning now if the disk can't hold the checkpoints and the model
     if dist.is_main:
         cfg.save(out / "train_config.json")
     metrics = open_metrics(out / "metrics.jsonl", start_step if resume_from else None) if dist.is_main else None
@@ -268,7 +266,7 @@ def train(cfg: Config, dist: Dist):
     )
     autocast = partial(torch.autocast, dist.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16-mixed")
     progress = tqdm(total=total_steps, initial=start_step, disable=not dist.is_main, desc="train", dynamic_ncols=True)
-    stop, bad_in_a_row = StopSignal(), 0  # SIGTERM or SIGINT: finish the step, save a checkpoint, exit
+    bad_in_a_row = 0
     save = partial(save_checkpoint, out, model=model, optimizer=optimizer, scheduler=scheduler, dist=dist, cfg=cfg,
                    counters=counters, processor=processor)  # fmt: skip
     run_began, elapsed_before = time.perf_counter(), counters["elapsed_s"]
@@ -283,6 +281,9 @@ def train(cfg: Config, dist: Dist):
             if dist.is_main:
                 log({**record, "elapsed_s": elapsed()}, metrics, trackers)
         model.train()
+        # From here on SIGTERM or SIGINT lets the step finish, saves a checkpoint and returns; a second one
+        # stops at once. Before, they stop the run at once: nothing would be lost.
+        stop.begin("stopping after this step, with a checkpoint")
         for step in range(start_step + 1, total_steps + 1):
             began = time.perf_counter()
             window = [next(batches) for _ in range(cfg.grad_accum)]
@@ -328,11 +329,8 @@ def train(cfg: Config, dist: Dist):
                 progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
                 progress.update()
             if bad_in_a_row >= cfg.max_bad_steps:
-                raise RunStopped(
-                    f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (up to step "
-                    f"{step}); the last checkpoint holds the last good weights. Try a lower --lr"
-                )
-            stopping, folder = stop.requested(dist), None
+                raise too_many_bad_steps(bad_in_a_row, step, model, dist, out)
+            folder = None
             if eval_samples and (step == total_steps or (cfg.eval_every and step % cfg.eval_every == 0)):
                 record = evaluate(model, eval_samples, collator, cfg, dist, autocast, step, out)
                 if dist.is_main:
@@ -340,6 +338,7 @@ def train(cfg: Config, dist: Dist):
                 if cfg.save_best and record["eval_loss"] < best["eval_loss"]:
                     best = {"step": step, "eval_loss": record["eval_loss"]}
                     folder = save(step, best=best)
+            stopping = stop.requested(dist)  # a signal during the evaluation counts too
             if not folder and (stopping or (cfg.save_every and step % cfg.save_every == 0)):
                 folder = save(step, best=best)
             if stopping:
@@ -348,7 +347,6 @@ def train(cfg: Config, dist: Dist):
     except torch.OutOfMemoryError:
         raise out_of_memory(step) from None
     finally:
-        stop.restore()
         progress.close()
         if metrics:
             metrics.close()
@@ -358,11 +356,11 @@ def train(cfg: Config, dist: Dist):
         del batches
 
     # Save: a transformers checkpoint (fp32 under bf16-mixed: see one_dtype), or with LoRA a peft
-    # adapter (plus modules trained in full), that from_pretrained loads as it is.
-    state_dict = dist.full_state_dict(model)  # FSDP gathers the shards (all ranks); else None
+    # adapter (plus modules trained in full), that from_pretrained loads as it is; written beside, then
+    # moved in, so that a folder that looks like a model holds one.
+    stop.begin("stopping once the model is saved")
+    save_final_model(out, step, model, processor, dist, stop, cfg.full_disk_wait)
     if dist.is_main:
-        save_model(out, dist.unwrap(model), state_dict)
-        processor.save_pretrained(out)
         dist.print(f"saved the fine-tuned model to {out}\n{run_summary(out / 'metrics.jsonl')}")
         if cfg.save_best and best["step"]:
             kept = checkpoint_folder(out, best["step"])
@@ -386,6 +384,9 @@ def main(argv: list[str] | None = None) -> None:
         train(cfg, single_device())
     except (DataError, ModelUnavailable, ConfigError, RunStopped) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt as e:  # a second Ctrl-C, or one before training began: one line, no traceback
+        print(f"\n{e or 'interrupted'}", file=sys.stderr)
+        sys.exit(getattr(e, "exit_code", 130))
 
 
 if __name__ == "__main__":

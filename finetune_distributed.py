@@ -19,7 +19,7 @@ from qwen_ft.config import ConfigError, parse_config
 from qwen_ft.data import BadSample, DataError
 from qwen_ft.dist import init_distributed
 from qwen_ft.model import ModelUnavailable
-from qwen_ft.stop import RunStopped
+from qwen_ft.stop import PeerDied, RunStopped
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -29,10 +29,15 @@ def main(argv: list[str] | None = None) -> None:
         train(cfg, dist)
     except (DataError, ModelUnavailable, ConfigError, RunStopped) as e:
         # Every rank meets the same bad input and the same stop; one message is enough. A sample
-        # that fails to load while training fails on one rank only, which says so.
-        if dist.is_main or isinstance(e, BadSample):
+        # that fails to load while training fails on one rank only, and a peer's death is seen by
+        # every rank left (rank 0 may be the one that died): each says so.
+        if dist.is_main or isinstance(e, (BadSample, PeerDied)):
             print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except KeyboardInterrupt as e:  # a second signal, or one before training began: one line, no traceback
+        if dist.is_main:
+            print(f"\n{e or 'interrupted'}", file=sys.stderr, flush=True)
+        sys.exit(getattr(e, "exit_code", 130))
     finally:
         torch_dist.destroy_process_group()
 

@@ -3,8 +3,9 @@
 For every prompt the model samples a group of answers; reward functions (programs: an exact match, a
 number, a format) score them against the prompt's reference answer; each answer's advantage is its reward
 measured against its group's; and PPO's clipped objective moves the model towards its better answers.
-Read train() top to bottom: config -> data (prompts, checked) -> rewards -> model -> optimizer -> resume
--> loop -> save. The step is in the loop, with rollouts() and policy_backward() just above train().
+Read grpo() top to bottom: config -> data (prompts, checked) -> rewards -> model -> optimizer -> resume
+-> loop -> save. The step is in the loop, with rollouts() and policy_backward() just above it. train() runs
+it with the output folder locked and signals handled (qwen_ft/run.py), as finetune.py's train() does.
 
     python finetune_grpo.py --model output-sft --data train_data/data.json --reward exact --output-dir output-grpo
     torchrun --nproc-per-node 4 finetune_grpo.py [flags]     # DDP; --fsdp shards a full fine-tuning
@@ -13,6 +14,7 @@ Read train() top to bottom: config -> data (prompts, checked) -> rewards -> mode
 import dataclasses
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -22,33 +24,38 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from finetune import checked_samples, log, micro_batches
+from finetune import log, micro_batches
 from qwen_ft.batching import BatchPlan
+from qwen_ft.checked_data import checked_samples
 from qwen_ft.checkpoint import (
     check_resume_config,
+    check_space,
     find_checkpoint,
     load_checkpoint,
     open_metrics,
     save_checkpoint,
-    save_model,
+    save_final_model,
+    too_many_bad_steps,
 )
 from qwen_ft.collate import Collator
 from qwen_ft.config import Config, ConfigError, option, parse_config
 from qwen_ft.data import BadSample, DataError
 from qwen_ft.dist import Dist, init_distributed, single_device
-from qwen_ft.generate import greedy_answers
+from qwen_ft.generate import generate_answers
 from qwen_ft.lora import add_lora, quantization_config
 from qwen_ft.model import ModelUnavailable, cast_trainable, load_model, load_processor, set_trainable, trainable_table
-from qwen_ft.optim import make_optimizer, make_scheduler
+from qwen_ft.optim import check_optimizer, make_optimizer, make_scheduler
 from qwen_ft.packing import real_tokens
 from qwen_ft.report import write_report
 from qwen_ft.rewards import RewardError, parse_rewards, score
 from qwen_ft.rollout import PromptCollator, check_prompts, prompt_and_reference, sample_completions, with_completions
-from qwen_ft.stop import RunStopped, StopSignal, out_of_memory
+from qwen_ft.run import guarded_run
+from qwen_ft.stop import PeerDied, RunStopped, StopSignal, out_of_memory
 from qwen_ft.trackers import open_trackers
 
 LOSS_TYPES = ("grpo", "dr-grpo", "dapo")
@@ -308,7 +315,7 @@ def evaluate(model, samples, collator: Collator, rewards, cfg: GRPOConfig, dist:
         chunk = list(samples[start : start + cfg.batch_size])
         prompts, references = zip(*(prompt_and_reference(sample) for sample in chunk))
         with autocast():
-            answers = greedy_answers(dist.unwrap(model), collator, list(prompts), cfg.max_new_tokens)
+            answers = generate_answers(dist.unwrap(model), collator, list(prompts), cfg.max_new_tokens)
         scores = torch.tensor(score(rewards, answers, list(references), chunk))  # (functions, answers)
         totals += scores.sum(dim=1)
         for j, sample in enumerate(chunk):
@@ -333,8 +340,16 @@ def evaluate(model, samples, collator: Collator, rewards, cfg: GRPOConfig, dist:
 
 
 def train(cfg: GRPOConfig, dist: Dist):
+    """GRPO as cfg says (in each process of a torchrun job): grpo below, with the output folder locked against a
+    second run, and signals, a peer's death and a full disk stopping it cleanly."""
+    with guarded_run(cfg.output_dir, dist) as stop:
+        return grpo(cfg, dist, stop)
+
+
+def grpo(cfg: GRPOConfig, dist: Dist, stop: StopSignal):
     out = Path(cfg.output_dir)
-    resume_from = find_checkpoint(cfg.resume, out) if cfg.resume else None
+    check_optimizer(cfg.optim, dist.device)
+    resume_from = find_checkpoint(cfg.resume, out, dist, cfg.lora) if cfg.resume else None
     if resume_from:
         changes = check_resume_config(resume_from, cfg)
         dist.print(f"resuming from {resume_from}" + (f", with changes: {'; '.join(changes)}" if changes else ""))
@@ -385,7 +400,7 @@ def train(cfg: GRPOConfig, dist: Dist):
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     part_lr = {"vision": cfg.vision_lr, "merger": cfg.merger_lr}
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, dist.device, part_lr)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, dist.device, part_lr, cfg.optim)
     plan = BatchPlan(
         tuple(samples.lengths.tolist()), cfg.batch_size, None, False, cfg.shuffle, cfg.seed, dist.rank, dist.world_size
     )
@@ -404,6 +419,7 @@ def train(cfg: GRPOConfig, dist: Dist):
     )
 
     out.mkdir(parents=True, exist_ok=True)
+    check_space(out, model, dist, cfg)  # a warning now if the disk can't hold the checkpoints and the model
     if dist.is_main:
         cfg.save(out / "train_config.json")
     metrics = open_metrics(out / "metrics.jsonl", start_step if resume_from else None) if dist.is_main else None
@@ -412,7 +428,7 @@ def train(cfg: GRPOConfig, dist: Dist):
     )
     autocast = partial(torch.autocast, dist.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16-mixed")
     progress = tqdm(total=total_steps, initial=start_step, disable=not dist.is_main, desc="grpo", dynamic_ncols=True)
-    stop, bad_in_a_row = StopSignal(), 0
+    bad_in_a_row = 0
     save = partial(save_checkpoint, out, model=model, optimizer=optimizer, scheduler=scheduler, dist=dist, cfg=cfg,
                    counters=counters, processor=processor)  # fmt: skip
     run_began, elapsed_before = time.perf_counter(), counters["elapsed_s"]
@@ -427,6 +443,10 @@ def train(cfg: GRPOConfig, dist: Dist):
             if dist.is_main:
                 log({**record, "elapsed_s": elapsed()}, metrics, trackers)
         model.train()
+        # From here on SIGTERM or SIGINT lets the rollouts' last iteration finish, saves a checkpoint and returns;
+        # a second one stops at once.
+        stop.begin("stopping after this step, with a checkpoint" if cfg.num_iterations == 1 else
+                   "stopping after the last step on these rollouts, with a checkpoint")  # fmt: skip
         for step in range(start_step + 1, total_steps + 1):
             generation_s = 0.0
             if (step - 1) % cfg.num_iterations == 0:  # new rollouts; the next num_iterations - 1 steps reuse them
@@ -473,19 +493,16 @@ def train(cfg: GRPOConfig, dist: Dist):
                 progress.set_postfix(reward=f"{record['reward']:.3f}", loss=f"{record['loss']:.4f}")
                 progress.update()
             if bad_in_a_row >= cfg.max_bad_steps:
-                raise RunStopped(
-                    f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (up to step {step}); "
-                    "try a lower --lr"
-                )
-            # A checkpoint falls between batches of rollouts: a signal waits for the rollouts' last iteration.
-            between = step % cfg.num_iterations == 0
-            stopping = stop.requested(dist) and between
+                raise too_many_bad_steps(bad_in_a_row, step, model, dist, out)
             if dist.is_main and (cfg.log_rollouts and step % cfg.log_rollouts == 0):
                 write_rollouts(out / "rollouts" / f"step-{step:08d}.jsonl", window, rewards, cfg)
             if eval_samples and (step == total_steps or (cfg.eval_every and step % cfg.eval_every == 0)):
                 record = evaluate(model, eval_samples, collator, rewards, cfg, dist, autocast, step, out)
                 if dist.is_main:
                     log({**record, "elapsed_s": elapsed()}, metrics, trackers)
+            # A checkpoint falls between batches of rollouts: a signal waits for the rollouts' last iteration.
+            # (A signal during the evaluation counts too.)
+            stopping = stop.requested(dist) and step % cfg.num_iterations == 0
             folder = None
             if stopping or (cfg.save_every and step % cfg.save_every == 0):
                 folder = save(step)
@@ -497,32 +514,40 @@ def train(cfg: GRPOConfig, dist: Dist):
     except torch.OutOfMemoryError:
         raise out_of_memory(step) from None
     finally:
-        stop.restore()
         progress.close()
         if metrics:
             metrics.close()
         trackers.close()
         del prompts
 
-    state_dict = dist.full_state_dict(model)
+    # Save: as finetune.py does (a transformers checkpoint, or a peft adapter), written beside, then moved in.
+    stop.begin("stopping once the model is saved")
+    save_final_model(out, step, model, processor, dist, stop, cfg.full_disk_wait)
     if dist.is_main:
-        save_model(out, dist.unwrap(model), state_dict)
-        processor.save_pretrained(out)
         dist.print(f"saved the fine-tuned model to {out}")
-        write_report(out)
+        write_report(out)  # report.png and summary.json; a failure is a warning, never the run's end
     return model
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(argv, description=__doc__.splitlines()[0], config=GRPOConfig)
-    distributed = "RANK" in __import__("os").environ
+    distributed = "RANK" in os.environ  # started by torchrun
     dist = init_distributed(fsdp=cfg.fsdp) if distributed else single_device()
     try:
         train(cfg, dist)
     except (DataError, ModelUnavailable, ConfigError, RunStopped, RewardError) as e:
-        if dist.is_main or isinstance(e, (BadSample, RewardError)):
+        # As finetune_distributed.py: one message for what every rank meets; a bad sample, a reward function's
+        # failure (on one rank's answers) and a peer's death are said by each rank that meets them.
+        if dist.is_main or isinstance(e, (BadSample, RewardError, PeerDied)):
             print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except KeyboardInterrupt as e:  # a second signal, or one before training began: one line, no traceback
+        if dist.is_main:
+            print(f"\n{e or 'interrupted'}", file=sys.stderr, flush=True)
+        sys.exit(getattr(e, "exit_code", 130))
+    finally:
+        if distributed:
+            torch_dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -120,6 +120,97 @@ def write_data(folder: Path, count: int, side: int, answer_words: int) -> tuple[
     return finetune_data, trl_data
 
 
+# The real-shaped mix: prompts, images and answers of the sizes users' data has (seeded).
+PROMPTS = (
+    "Describe the image.",
+    "What is in the picture?",
+    "How many squares of each colour are there?",
+    "Which colour covers most of the picture, and where is it?",
+    "Write a detailed description of everything you can see, square by square, as for someone who can't see it.",
+)
+TWO_IMAGE_PROMPTS = ("Compare the two pictures.", "What changed from the first picture to the second?")
+
+
+def mixed_answer(rng) -> str:
+    """One word to a few hundred tokens: a third short answers, a third a few sentences, the rest long ones."""
+    kind = rng.choice(3, p=[0.35, 0.4, 0.25])
+    words = int(rng.integers(1, 4) if kind == 0 else rng.integers(8, 60) if kind == 1 else rng.integers(100, 260))
+    return " ".join(rng.choice(WORDS, words)).capitalize() + "."
+
+
+def write_mixed_data(folder: Path, count: int) -> tuple[Path, Path]:
+    """count samples like users' data, in both formats (write_data's): images of 300x300 to 1280x960 pixels of
+    any aspect, a quarter of the samples with two, prompts of a few words to a paragraph, answers of one word
+    to a few hundred tokens."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    finetune_samples, trl_samples = [], []
+    for i in range(count):
+        images = []
+        for k in range(1 + int(rng.random() < 0.25)):
+            width, height = int(rng.integers(300, 1281)), int(rng.integers(300, 961))
+            grid = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+            images.append(folder / f"image-{i}-{k}.png")
+            Image.fromarray(grid).resize((width, height), Image.NEAREST).save(images[-1])
+        prompt = str(rng.choice(TWO_IMAGE_PROMPTS if len(images) == 2 else PROMPTS))
+        if rng.random() < 0.3:  # some prompts carry a paragraph of context
+            prompt = " ".join(rng.choice(WORDS, int(rng.integers(20, 80)))).capitalize() + ". " + prompt
+        answer = mixed_answer(rng)
+        user = [*({"type": "image", "image": image.name} for image in images), {"type": "text", "text": prompt}]
+        finetune_samples.append(
+            {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
+        )
+        content = [*({"type": "image"} for _ in images), {"type": "text", "text": prompt}]
+        trl_samples.append(
+            {
+                "prompt": [{"role": "user", "content": content}],
+                "completion": [{"role": "assistant", "content": [{"type": "text", "text": answer}]}],
+                "images": [str(image) for image in images],
+            }
+        )
+    finetune_data, trl_data = folder / "finetune.json", folder / "trl.json"
+    finetune_data.write_text(json.dumps(finetune_samples, indent=1))
+    trl_data.write_text(json.dumps(trl_samples, indent=1))
+    return finetune_data, trl_data
+
+
+def add_lengths(spec: dict) -> list[int]:
+    """Each sample's tokens as finetune.py measures them before training (equal to TRL's, which
+    check_same_batches confirms), written into TRL's data as the `length` column its length grouping reads."""
+    from qwen_ft.collate import Collator
+    from qwen_ft.data import read_samples
+    from qwen_ft.lengths import measure
+    from qwen_ft.media_check import check_media
+    from qwen_ft.model import load_processor
+
+    collator = Collator(load_processor(spec["model"], spec["min_pixels"], spec["max_pixels"]), spec["max_length"])
+    samples = read_samples(spec["finetune_data"], spec["work_dir"], collator.tokens.all_strings)
+    check_media(samples)
+    measure(collator, samples)
+    lengths = samples.table["measure"][samples.order, 0].tolist()
+    records = json.loads(Path(spec["trl_data"]).read_text())
+    for record, length in zip(records, lengths):
+        record["length"] = length
+    Path(spec["trl_data"]).write_text(json.dumps(records, indent=1))
+    return lengths
+
+
+def packed_micro_batches(spec: dict) -> int:
+    """The micro-batches of finetune.py's epoch with --recipe best, as its own batch plan forms them."""
+    from qwen_ft.batching import BatchPlan
+    from qwen_ft.checked_data import checked_samples
+    from qwen_ft.collate import Collator
+    from qwen_ft.config import parse_config
+    from qwen_ft.dist import single_device
+    from qwen_ft.model import load_processor
+
+    cfg = parse_config(finetune_argv(dict(spec, mode="full", output_dir=str(Path(spec["work_dir"]) / "plan"))))
+    collator = Collator(load_processor(cfg.model, cfg.min_pixels, cfg.max_pixels), cfg.max_length, cfg.video())
+    samples = checked_samples(cfg.data, cfg, collator, single_device())
+    lengths = tuple(samples.lengths.tolist())
+    return len(BatchPlan(lengths, cfg.batch_size, cfg.max_tokens, cfg.packing, cfg.shuffle, cfg.seed).epoch(0))
+
+
 def trl_dataset(path: Path):
     """TRL's training set: the prompt-completion records, images decoded from their files on access."""
     import datasets
@@ -128,48 +219,53 @@ def trl_dataset(path: Path):
     return dataset.cast_column("images", datasets.List(datasets.Image()))
 
 
-def load_trl_processor(model_dir: str, pixels: int):
-    """The model's processor with an image size of exactly `pixels`, as finetune.py's --min/--max-pixels set it."""
+def load_trl_processor(model_dir: str, min_pixels: int, max_pixels: int):
+    """The model's processor with images resized to between min_pixels and max_pixels pixels, as finetune.py's
+    --min-pixels and --max-pixels set it."""
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(model_dir)
-    processor.image_processor.size = {"shortest_edge": pixels, "longest_edge": pixels}
+    processor.image_processor.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
     return processor
 
 
 class AlignedLabels:
-    """TRL's collator, with the label of every token right after <|im_end|> set to -100: finetune.py trains an
-    answer and its <|im_end|>, TRL's completion also the template's newline after it."""
+    """TRL's collator, with the label of every token right after <|im_end|> set to -100 (unless stock): finetune.py
+    trains an answer and its <|im_end|>, TRL's completion also the template's newline after it. It counts each
+    micro-batch's trained tokens, for the loss per trained token of an epoch (in the training process: TRL's
+    default of no DataLoader workers)."""
 
-    def __init__(self, collator, im_end: int):
-        self.collator, self.im_end = collator, im_end
+    def __init__(self, collator, im_end: int, stock: bool = False):
+        self.collator, self.im_end, self.stock = collator, im_end, stock
+        self.trained = []
 
     def __call__(self, examples):
         batch = self.collator(examples)
-        after_im_end = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
-        after_im_end[:, 1:] = batch["input_ids"][:, :-1] == self.im_end
-        batch["labels"][after_im_end] = -100
+        if not self.stock:
+            after_im_end = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+            after_im_end[:, 1:] = batch["input_ids"][:, :-1] == self.im_end
+            batch["labels"][after_im_end] = -100
+        self.trained.append(int((batch["labels"][:, 1:] != -100).sum()))
         return batch
 
 
 def check_same_batches(spec: dict) -> int:
-    """Stop unless finetune.py's collator and TRL's build the same batches from the two data files; returns the
-    tokens of the first sample. Both read the same images and texts, so any difference is in the pipelines."""
+    """Stop unless finetune.py's collator and TRL's build the same batches from the two data files (the same
+    samples, with --recipe best); returns the tokens of the first sample. Both read the same images and texts,
+    so any difference is in the pipelines."""
     from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
     from qwen_ft.collate import Collator
     from qwen_ft.data import read_samples
     from qwen_ft.model import load_processor
 
-    pixels = spec["pixels"]
-    ours = Collator(load_processor(spec["model"], pixels, pixels), spec["max_length"])
+    ours = Collator(load_processor(spec["model"], spec["min_pixels"], spec["max_pixels"]), spec["max_length"])
     samples = read_samples(spec["finetune_data"], spec["work_dir"], ours.tokens.all_strings)
-    processor = load_trl_processor(spec["model"], pixels)
+    processor = load_trl_processor(spec["model"], spec["min_pixels"], spec["max_pixels"])
     theirs = DataCollatorForVisionLanguageModeling(processor, max_length=spec["max_length"], completion_only_loss=True)
-    if not spec["trl_stock_labels"]:
-        theirs = AlignedLabels(theirs, ours.tokens.im_end)
+    theirs = AlignedLabels(theirs, ours.tokens.im_end, stock=spec["trl_stock_labels"])
     dataset = trl_dataset(spec["trl_data"])
-    size = spec["batch_size"]
+    size = spec["batch_size"] if spec["recipe"] == "equal" else 1  # the best recipes batch differently: per sample
     for start in range(0, len(samples), size):
         a = ours(samples[start : start + size])
         b = theirs([dataset[i] for i in range(start, min(start + size, len(samples)))])
@@ -255,6 +351,7 @@ def child_finetune(spec: dict) -> dict:
         {
             "seconds": r["tokens"] / r["tokens_per_s"],
             "tokens": r["tokens"],
+            "trained_tokens": r["trained_tokens"],
             "loss": r["loss"],
             "grad_norm": r["grad_norm"],
         }
@@ -264,15 +361,23 @@ def child_finetune(spec: dict) -> dict:
 
 
 def finetune_argv(spec: dict) -> list[str]:
+    """finetune.py's flags: those of TRL's run (--recipe equal), or what its README recommends for the speed of
+    samples of mixed lengths with sdpa (--recipe best): packed rows of at most the longest sample, accumulated,
+    the data shuffled and its default DataLoader workers; one epoch."""
     argv = [
         "--model", spec["model"], "--data", spec["finetune_data"], "--output-dir", spec["output_dir"],
-        "--precision", spec["precision"], "--max-steps", str(spec["steps"]), "--batch-size", str(spec["batch_size"]),
-        "--grad-accum", str(spec["grad_accum"]), "--lr", str(spec["lr"]), "--warmup-steps", "0",
+        "--precision", spec["precision"], "--lr", str(spec["lr"]), "--warmup-steps", "0",
         "--weight-decay", "0", "--max-grad-norm", "1", "--max-length", str(spec["max_length"]),
-        "--min-pixels", str(spec["pixels"]), "--max-pixels", str(spec["pixels"]), "--attn-implementation", "sdpa",
-        "--no-gradient-checkpointing", "--no-shuffle", "--save-every", "0", "--num-workers", str(spec["num_workers"]),
+        "--min-pixels", str(spec["min_pixels"]), "--max-pixels", str(spec["max_pixels"]),
+        "--attn-implementation", "sdpa", "--no-gradient-checkpointing", "--save-every", "0",
         "--seed", str(spec["seed"]),
     ]  # fmt: skip
+    if spec["recipe"] == "best":
+        argv += ["--packing", "--max-tokens", str(spec["max_tokens"]), "--batch-size", "64", "--epochs", "1"]
+        argv += ["--grad-accum", str(spec["packed_grad_accum"])]
+    else:
+        argv += ["--max-steps", str(spec["steps"]), "--batch-size", str(spec["batch_size"]), "--no-shuffle"]
+        argv += ["--grad-accum", str(spec["grad_accum"]), "--num-workers", str(spec["num_workers"])]
     if spec["mode"] == "lora":
         argv += ["--lora", "--lora-r", str(spec["lora_r"]), "--lora-alpha", str(spec["lora_alpha"])]
         argv += ["--lora-dropout", str(spec["lora_dropout"]), "--lora-targets", "llm"]
@@ -291,7 +396,7 @@ def child_trl(spec: dict) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = True  # as finetune.py does: fp32 matmuls on tensor cores
     precision = spec["precision"]
     probe = Probe()
-    processor = load_trl_processor(spec["model"], spec["pixels"])
+    processor = load_trl_processor(spec["model"], spec["min_pixels"], spec["max_pixels"])
     # As finetune.py loads it: fp32 weights for fp32, else bf16 (and, for bf16-mixed, fp32 copies of what
     # trains, below); the same attention kernel.
     model = AutoModelForImageTextToText.from_pretrained(
@@ -338,11 +443,21 @@ def child_trl(spec: dict) -> dict:
             if logs and "loss" in logs:
                 self.logs.append(logs)
 
+    if spec["recipe"] == "best":
+        # What TRL offers vision-language data for speed: it refuses packing and padding-free batches for them, so
+        # samples of similar length share a micro-batch (transformers' length grouping, from the `length` column
+        # add_lengths wrote, which SFTTrainer would drop as no input of a vision dataset without
+        # remove_unused_columns=False); its default batch and DataLoader; one epoch.
+        schedule = dict(num_train_epochs=1, per_device_train_batch_size=spec["trl_batch_size"])
+        schedule.update(gradient_accumulation_steps=1, train_sampling_strategy="group_by_length")
+        schedule.update(remove_unused_columns=False)
+    else:  # finetune.py --no-shuffle: samples in file order
+        schedule = dict(max_steps=spec["steps"], per_device_train_batch_size=spec["batch_size"])
+        schedule.update(gradient_accumulation_steps=spec["grad_accum"], train_sampling_strategy="sequential")
+        schedule.update(dataloader_num_workers=spec["num_workers"])
     config = SFTConfig(
         output_dir=spec["output_dir"],
-        max_steps=spec["steps"],
-        per_device_train_batch_size=spec["batch_size"],
-        gradient_accumulation_steps=spec["grad_accum"],
+        **schedule,
         learning_rate=spec["lr"],
         lr_scheduler_type="cosine",  # without warm-up: 0.5 * (1 + cos(pi * step / steps)), finetune.py's curve
         warmup_steps=0,
@@ -353,8 +468,6 @@ def child_trl(spec: dict) -> dict:
         activation_checkpointing=False,  # SFTConfig's default is True (as gradient_checkpointing); finetune.py's False
         max_length=spec["max_length"],
         completion_only_loss=True,
-        train_sampling_strategy="sequential",  # finetune.py --no-shuffle: samples in file order
-        dataloader_num_workers=spec["num_workers"],
         dataloader_pin_memory=cuda,
         seed=spec["seed"],
         use_cpu=not cuda,
@@ -372,10 +485,10 @@ def child_trl(spec: dict) -> dict:
         peft_config=peft_config,
         callbacks=[clock],
     )
-    if not spec["trl_stock_labels"]:
-        trainer.data_collator = AlignedLabels(
-            trainer.data_collator, processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        )
+    labels = AlignedLabels(
+        trainer.data_collator, processor.tokenizer.convert_tokens_to_ids("<|im_end|>"), spec["trl_stock_labels"]
+    )
+    trainer.data_collator = labels
     if precision == "bf16-mixed":  # fp32 master weights for what trains, as finetune.py's cast_trainable
         for param in trainer.model.parameters():
             if param.requires_grad:
@@ -383,9 +496,11 @@ def child_trl(spec: dict) -> dict:
     trainer.train()
     out = probe.result(trainer.model)
     tokens = [log["num_tokens"] for log in clock.logs]  # running total
+    accumulated = config.gradient_accumulation_steps
+    trained = [sum(labels.trained[i : i + accumulated]) for i in range(0, len(labels.trained), accumulated)]
     out["steps"] = [
-        {"seconds": s, "tokens": t - previous, "loss": log["loss"], "grad_norm": log["grad_norm"]}
-        for s, t, previous, log in zip(clock.seconds, tokens, [0, *tokens], clock.logs)
+        {"seconds": s, "tokens": t - previous, "trained_tokens": n, "loss": log["loss"], "grad_norm": log["grad_norm"]}
+        for s, t, previous, n, log in zip(clock.seconds, tokens, [0, *tokens], trained, clock.logs)
     ]
     return out
 
@@ -411,7 +526,7 @@ def run_side(side: str, spec: dict, run_dir: Path) -> dict:
         raise SystemExit(f"{NAMES[side]} run failed (exit code {code}); the end of {run_dir / 'log.txt'}:\n{tail}")
     out = json.loads(result.read_text())
     out["wall_s"] = time.perf_counter() - began
-    if len(out["steps"]) != spec["steps"]:
+    if spec["recipe"] == "equal" and len(out["steps"]) != spec["steps"]:
         raise SystemExit(f"{NAMES[side]} ran {len(out['steps'])} steps, not {spec['steps']}")
     return out
 
@@ -426,13 +541,20 @@ def summary(runs: list[dict], warmup: int) -> dict:
     steps = [step for run in runs for step in run["steps"][warmup:]]
     cuda = runs[0]["cuda_peak"] is not None
     memory = [run["cuda_peak"] if cuda else run["peak_rss"] - run["loaded_rss"] for run in runs]
+    first = runs[0]["steps"]
     return {
         "s_per_step": statistics.median(s["seconds"] for s in steps),
         # The median step's: its tokens over its seconds (the samples are about the same length).
         "tokens_per_s": statistics.median(s["tokens"] for s in steps) / statistics.median(s["seconds"] for s in steps),
+        # Steps of unequal sizes (--recipe best): all their real tokens over all their seconds.
+        "total_tokens_per_s": sum(s["tokens"] for s in steps) / sum(s["seconds"] for s in steps),
         "memory_gib": statistics.median(memory) / 2**30,
         "loaded_gib": statistics.median(run["loaded_rss"] for run in runs) / 2**30,
         "steps": len(steps),
+        "steps_per_run": len(first),
+        # The first run's epoch: each step's mean loss per trained token, weighted by its trained tokens.
+        "loss_per_token": sum(s["loss"] * s["trained_tokens"] for s in first) / sum(s["trained_tokens"] for s in first),
+        "trained_tokens": sum(s["trained_tokens"] for s in first),
     }
 
 
@@ -468,7 +590,23 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1, help="samples per micro-batch")
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     parser.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (cosine decay, no warm-up)")
+    parser.add_argument("--data", choices=["uniform", "mixed"], default="uniform",
+                        help="uniform: one --image-side image and --answer-words words a sample; mixed: shaped like "
+                        "users' data (images of 300x300 to 1280x960, some samples with two, answers of 1 to ~300 "
+                        "tokens, prompts of varied length), seeded")  # fmt: skip
+    parser.add_argument("--recipe", choices=["equal", "best"], default="equal",
+                        help="equal: the same settings on both sides, the same batches in the same order; best: "
+                        "each side's recommended settings for speed on such data, over one epoch")  # fmt: skip
+    parser.add_argument("--samples", type=int, default=32, help="samples of the epoch (--recipe best)")
     parser.add_argument("--image-side", type=int, default=448, help="image width and height (a multiple of 28)")
+    parser.add_argument("--image-max-pixels", type=int, default=448 * 448,
+                        help="--data mixed: images larger than this are scaled down (Qwen's smart resize), on both "
+                        "sides (1003520, finetune.py's default, on a GPU)")  # fmt: skip
+    parser.add_argument("--trl-batch-size", type=int, default=8,
+                        help="--recipe best: TRL's samples per micro-batch (its default)")  # fmt: skip
+    parser.add_argument("--packed-grad-accum", type=int, default=4,
+                        help="--recipe best: finetune.py's packed micro-batches (of the longest sample's tokens) "
+                        "per step")  # fmt: skip
     parser.add_argument("--answer-words", type=int, default=24, help="words per answer")
     parser.add_argument("--max-length", type=int, default=2048, help="longest sample in tokens (none is cut)")
     parser.add_argument("--lora-r", type=int, default=64, help="LoRA rank (finetune.py's default)")
@@ -490,86 +628,125 @@ def main() -> None:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or any(m not in ("lora", "full") for m in modes):
         parser.error("--modes takes lora and/or full")
-    if args.image_side % PIXELS_PER_TOKEN or args.warmup >= args.steps:
+    if args.image_side % PIXELS_PER_TOKEN or (args.recipe == "equal" and args.warmup >= args.steps):
         parser.error("--image-side must be a multiple of 28, and --warmup less than --steps")
     precision = args.precision if args.precision != "auto" else "bf16-mixed" if torch.cuda.is_available() else "fp32"
     if precision != "fp32" and not torch.cuda.is_available():
         parser.error("bf16 on the CPU is not what this benchmark compares: use --precision fp32")
 
     model = build_model(args.work_dir, args.size, args.llm_layers or None)
-    samples = args.steps * args.batch_size * args.grad_accum  # each sample once per run
-    finetune_data, trl_data = write_data(args.work_dir / "data", samples, args.image_side, args.answer_words)
+    count = args.samples if args.recipe == "best" else args.steps * args.batch_size * args.grad_accum
+    if args.data == "mixed":
+        finetune_data, trl_data = write_mixed_data(args.work_dir / f"mixed-{count}", count)
+        min_pixels, max_pixels = 56 * 56, args.image_max_pixels  # finetune.py's default smallest size
+    else:  # each sample once per run
+        finetune_data, trl_data = write_data(args.work_dir / "data", count, args.image_side, args.answer_words)
+        min_pixels = max_pixels = args.image_side**2
     spec = {
         "model": str(model), "finetune_data": str(finetune_data), "trl_data": str(trl_data),
         "work_dir": str(args.work_dir), "precision": precision, "steps": args.steps, "batch_size": args.batch_size,
-        "grad_accum": args.grad_accum, "lr": args.lr, "max_length": args.max_length, "pixels": args.image_side**2,
-        "lora_r": args.lora_r, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
-        "freeze_merger": args.freeze_merger, "num_workers": args.num_workers, "seed": args.seed,
-        "trl_stock_labels": args.trl_stock_labels,
+        "grad_accum": args.grad_accum, "lr": args.lr, "max_length": args.max_length, "min_pixels": min_pixels,
+        "max_pixels": max_pixels, "lora_r": args.lora_r, "lora_alpha": args.lora_alpha,
+        "lora_dropout": args.lora_dropout, "freeze_merger": args.freeze_merger, "num_workers": args.num_workers,
+        "seed": args.seed, "trl_stock_labels": args.trl_stock_labels, "recipe": args.recipe,
+        "trl_batch_size": args.trl_batch_size, "packed_grad_accum": args.packed_grad_accum,
     }  # fmt: skip
-    tokens = check_same_batches(spec)
-    image_tokens = (args.image_side // PIXELS_PER_TOKEN) ** 2
-    print(f"both sides build identical batches; a sample is about {tokens} tokens, {image_tokens} of them an image's")
+    lengths = add_lengths(spec)
+    spec["max_tokens"] = max(lengths)  # finetune.py's README: packed rows of about the longest sample with sdpa
+    if args.recipe == "best":
+        # One epoch, no more: finetune.py's steps take whole accumulation windows, so its grad-accum divides the
+        # epoch's micro-batches (the largest divisor up to --packed-grad-accum).
+        micro = packed_micro_batches(spec)
+        spec["packed_grad_accum"] = max(d for d in range(1, args.packed_grad_accum + 1) if micro % d == 0)
+        print(f"finetune.py packs the epoch into {micro} micro-batches, {spec['packed_grad_accum']} a step")
+    check_same_batches(spec)
+    print(f"both sides build identical batches; {len(lengths)} samples of {min(lengths)} to {max(lengths)} tokens, "
+          f"{sum(lengths) / len(lengths):.0f} on average")  # fmt: skip
 
     results, loads = {}, []
     for mode in modes:
         for repeat in range(args.repeats):
             for side in SIDES:
                 loads.append(os.getloadavg()[0])  # the machine may be shared: say how busy it was
-                run = run_side(side, dict(spec, mode=mode), args.work_dir / "runs" / f"{mode}-{side}-{repeat}")
+                run_dir = args.work_dir / "runs" / f"{args.data}-{args.recipe}-{mode}-{side}-{repeat}"
+                run = run_side(side, dict(spec, mode=mode), run_dir)
                 first = results.get((mode, "finetune"), [run])[0]
                 if run["trainable"] != first["trainable"]:
                     differ = sorted(set(run["trainable"]) ^ set(first["trainable"]))[:5]
                     raise SystemExit(f"{mode}: the two sides trained different parameters, e.g. {differ}")
                 results.setdefault((mode, side), []).append(run)
                 s = summary([run], args.warmup)
-                print(f"{mode} {NAMES[side]:<15} run {repeat + 1}/{args.repeats}: {s['s_per_step']:.2f} s/step, "
-                      f"{s['tokens_per_s']:.1f} tokens/s, memory {s['memory_gib']:.2f} GiB, "
+                print(f"{mode} {NAMES[side]:<15} run {repeat + 1}/{args.repeats}: {s['steps_per_run']} steps, "
+                      f"{s['s_per_step']:.2f} s/step (median), {s['total_tokens_per_s']:.1f} tokens/s, memory "
+                      f"{s['memory_gib']:.2f} GiB, loss per trained token {s['loss_per_token']:.4f}, "
                       f"{len(run['trainable'])} trainable tensors ({run['wall_s']:.0f} s)", flush=True)  # fmt: skip
     loads.append(os.getloadavg()[0])
-    report(args, modes, results, precision, tokens, image_tokens, loads)
+    report(args, modes, results, precision, lengths, loads, spec)
 
 
-def report(args, modes, results, precision, tokens, image_tokens, loads) -> None:
+def report(args, modes, results, precision, lengths, loads, spec) -> None:
     cuda = torch.cuda.is_available()
-    print("\nLosses and gradient norms of the first run of each side (the same samples in the same order):")
-    for mode in modes:
-        ours, theirs = results[(mode, "finetune")][0]["steps"], results[(mode, "trl")][0]["steps"]
-        print(f"{mode}: step | finetune.py loss | TRL loss | difference | finetune.py grad norm | TRL grad norm")
-        for i, (a, b) in enumerate(zip(ours, theirs), start=1):
-            print(f"  {i} | {a['loss']:.6f} | {b['loss']:.6f} | {b['loss'] - a['loss']:+.1e} "
-                  f"| {a['grad_norm']:.4f} | {b['grad_norm']:.4f}")  # fmt: skip
-        worst = max(abs(b["loss"] - a["loss"]) / abs(a["loss"]) for a, b in zip(ours, theirs))
-        print(f"  largest relative loss difference: {worst:.1e}")
+    if args.recipe == "equal":
+        print("\nLosses and gradient norms of the first run of each side (the same samples in the same order):")
+        for mode in modes:
+            ours, theirs = results[(mode, "finetune")][0]["steps"], results[(mode, "trl")][0]["steps"]
+            print(f"{mode}: step | finetune.py loss | TRL loss | difference | finetune.py grad norm | TRL grad norm")
+            for i, (a, b) in enumerate(zip(ours, theirs), start=1):
+                print(f"  {i} | {a['loss']:.6f} | {b['loss']:.6f} | {b['loss'] - a['loss']:+.1e} "
+                      f"| {a['grad_norm']:.4f} | {b['grad_norm']:.4f}")  # fmt: skip
+            worst = max(abs(b["loss"] - a["loss"]) / abs(a["loss"]) for a, b in zip(ours, theirs))
+            print(f"  largest relative loss difference: {worst:.1e}")
 
     memory_how = "max_memory_allocated" if cuda else "peak RSS - RSS with the model loaded"
-    print(f"\n| device | date | config | trainer | s/step | tokens/s | memory ({memory_how}) |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
     layers = f"{args.llm_layers} LLM layers" if args.llm_layers else "all LLM layers"
     model = f"{args.size} widths, {layers}" if args.size != "tiny" else "tiny"
+    if args.data == "mixed":
+        data = f"mixed: {len(lengths)} samples of {min(lengths)}-{max(lengths)} tokens"
+        data += f", images to {args.image_max_pixels} px"
+    else:
+        data = f"~{lengths[0]} tokens a sample ({(args.image_side // PIXELS_PER_TOKEN) ** 2} image)"
+    recipes = {
+        "finetune": f"--packing --max-tokens {spec['max_tokens']} --batch-size 64 "
+        f"--grad-accum {spec['packed_grad_accum']}",
+        "trl": f"group_by_length, batch {args.trl_batch_size}",
+    }
+    if args.recipe == "equal":
+        print(f"\n| device | date | config | trainer | s/step | tokens/s | memory ({memory_how}) |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+    else:
+        print(f"\n| device | date | config | trainer | recipe | steps | tokens/s (real) | memory ({memory_how}) "
+              "| loss per trained token (epoch) |")  # fmt: skip
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     ratios = []
     for mode in modes:
         trained = f"LoRA r{args.lora_r}" if mode == "lora" else "full"
         trained += ", merger frozen" if args.freeze_merger else " + merger"
-        config = (f"{model}; {trained}; {precision}; batch {args.batch_size}x{args.grad_accum}; "
-                  f"~{tokens} tokens a sample ({image_tokens} image)")  # fmt: skip
+        batch = f"batch {args.batch_size}x{args.grad_accum}" if args.recipe == "equal" else "one epoch"
+        config = f"{model}; {trained}; {precision}; {batch}; {data}"
         s = {side: summary(results[(mode, side)], args.warmup) for side in SIDES}
         for side in SIDES:
             memory = f"{s[side]['memory_gib']:.2f} GiB"
             if not cuda:
                 memory += f" (loaded: {s[side]['loaded_gib']:.2f} GiB)"
-            print(f"| {device_name()} | {datetime.date.today()} | {config} | {NAMES[side]} | "
-                  f"{s[side]['s_per_step']:.2f} | {s[side]['tokens_per_s']:.1f} | {memory} |")  # fmt: skip
-        time_ratio = s["trl"]["s_per_step"] / s["finetune"]["s_per_step"]
-        memory_ratio = s["trl"]["memory_gib"] / s["finetune"]["memory_gib"]
-        ratios.append(
-            f"{mode}: TRL takes {time_ratio:.2f}x finetune.py's time per step and {memory_ratio:.2f}x its memory"
-        )
+            if args.recipe == "equal":
+                print(f"| {device_name()} | {datetime.date.today()} | {config} | {NAMES[side]} | "
+                      f"{s[side]['s_per_step']:.2f} | {s[side]['tokens_per_s']:.1f} | {memory} |")  # fmt: skip
+            else:
+                print(f"| {device_name()} | {datetime.date.today()} | {config} | {NAMES[side]} | {recipes[side]} | "
+                      f"{s[side]['steps_per_run']} | {s[side]['total_tokens_per_s']:.1f} | {memory} | "
+                      f"{s[side]['loss_per_token']:.4f} ({s[side]['trained_tokens']} tokens) |")  # fmt: skip
+        if args.recipe == "equal":
+            speed = s["trl"]["s_per_step"] / s["finetune"]["s_per_step"]
+        else:
+            speed = s["finetune"]["total_tokens_per_s"] / s["trl"]["total_tokens_per_s"]
+        memory_ratio = s["finetune"]["memory_gib"] / s["trl"]["memory_gib"]
+        ratios.append(f"{mode}: finetune.py has {speed:.2f}x TRL's speed and {memory_ratio:.2f}x its memory")
     print("\n" + "; ".join(ratios) + ".")
     resets = all(run["peak_reset"] for runs in results.values() for run in runs)
+    what = "Medians" if args.recipe == "equal" else "Tokens over seconds of the steps"
     print(
-        f"Medians over {args.repeats} run(s) per side and {args.steps - args.warmup} step(s) per run after "
-        f"{args.warmup} warm-up step(s); load average (1 min) {min(loads):.1f} to {max(loads):.1f} during the runs"
+        f"{what} of {args.repeats} run(s) per side, the first {args.warmup} step(s) of each left out; load "
+        f"average (1 min) {min(loads):.1f} to {max(loads):.1f} during the runs"
         + ("" if cuda or resets else "; the peak RSS could not be reset after loading: it includes loading")
         + "."
     )

@@ -43,6 +43,9 @@ job() {
         bench bench/train_throughput.py "${small[@]}" --mode lora --family qwen3-vl --work-dir "$runs"
         bench bench/packing.py --size tiny --samples 24 --repeats 1 --work-dir "$runs"
         bench bench/compare_trl.py --size tiny --steps 3 --repeats 1 --work-dir "$runs"
+        bench bench/compare_trl.py --size tiny --data mixed --recipe best --modes lora --samples 12 --repeats 1 \
+            --work-dir "$runs"
+        bench bench/train_throughput.py "${small[@]}" --mode full --work-dir "$runs" -- --optim adamw8bit
         bench bench/grpo_step.py --size tiny --max-new-tokens 16 --steps 3 --warmup 1 --work-dir "$runs"
     else
         # The published shapes at 2048 tokens, 1024 of them one image's (the QLoRA 7B goal: under 10 GB).
@@ -58,8 +61,17 @@ job() {
         # One bf16 LoRA run of each family at its smallest published shape (Qwen2-VL's 2B ran above).
         bench bench/train_throughput.py --family qwen2.5-vl --size 3b --mode lora --work-dir "$runs"
         bench bench/train_throughput.py --family qwen3-vl --size 2b --mode lora --work-dir "$runs"
-        # Against TRL's SFTTrainer on the whole 2B shape, LoRA and full.
+        # Against TRL's SFTTrainer on the whole 2B shape, LoRA and full; and each side's best recipe on the
+        # real-shaped mix at finetune.py's default image size.
         bench bench/compare_trl.py --size 2b --llm-layers 0 --steps 12 --warmup 2 --repeats 1 --work-dir "$runs"
+        bench bench/compare_trl.py --size 2b --llm-layers 0 --data mixed --recipe best --modes lora --samples 64 \
+            --image-max-pixels 1003520 --repeats 1 --work-dir "$runs"
+        # Memory: 8-bit and paged 8-bit optimizer states (the rows carry the memory plan's prediction beside
+        # max_memory_allocated), and the plan against the profiler's peak on compare_trl.py's model.
+        for optim in adamw8bit paged-adamw8bit; do
+            bench bench/train_throughput.py --size 2b --mode full --work-dir "$runs" -- --optim "$optim"
+        done
+        bench bench/memory_plan.py --work-dir "$runs"
         # GRPO: a step's sampling (2 prompts x 8 answers of 128 tokens, KV cache) against its policy update.
         for mode in lora full; do
             bench bench/grpo_step.py --size 2b --mode "$mode" --work-dir "$runs"

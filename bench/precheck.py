@@ -125,7 +125,7 @@ def first_step(repo: Path, model: Path, data: Path, out: Path, flags: list[str])
 
 
 def phases(model: Path, data: Path) -> dict:
-    """Seconds of each step of finetune.checked_samples, run in this process: what the start spends where."""
+    """Seconds of each step of checked_samples (qwen_ft.checked_data), run in this process: where the start goes."""
     sys.path.insert(0, str(REPO))
     from qwen_ft.collate import Collator
     from qwen_ft.data import read_samples

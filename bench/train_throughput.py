@@ -8,7 +8,8 @@ of which --image-tokens are one image's, and runs finetune.py on them for --step
 sample each. Flags after `--` go to finetune.py as they are (--gradient-checkpointing, --precision, ...).
 It prints what finetune.py logged in metrics.jsonl: the median tokens/s of the steps after the first
 --warmup (which include CUDA's and the allocator's start-up) and the peak memory of the whole run, as a
-row for docs/BENCHMARKS.md.
+row for docs/BENCHMARKS.md, with the memory plan's prediction for the same flags beside it
+(python -m qwen_ft.plan, made before the run from the config and the data alone).
 """
 
 import argparse
@@ -108,6 +109,11 @@ def main() -> None:
         "--max-length", str(args.tokens), "--min-pixels", str(image_pixels), "--max-pixels", str(image_pixels),
         "--warmup-steps", "0", "--save-every", "0", "--num-workers", "1", *MODES[args.mode], *finetune_flags,
     ]  # fmt: skip
+    plan = subprocess.run(
+        [sys.executable, "-m", "qwen_ft.plan", *command[len(launch[args.launch]) :], "--json"],
+        cwd=REPO, capture_output=True, text=True,
+    )  # fmt: skip
+    predicted = json.loads(plan.stdout)["peak_bytes"] / 2**30 if plan.returncode == 0 else None
     metrics = run / "out" / "metrics.jsonl"
     metrics.unlink(missing_ok=True)
     finished = subprocess.run(command, cwd=REPO).returncode == 0
@@ -121,11 +127,12 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     flags = " ".join(finetune_flags) or "-"
     mode = args.mode if args.launch == "python" else f"{args.mode}, {args.launch} in 1 process"
-    print("\n| device | date | size | mode | tokens (image) | finetune.py flags | tokens/s | peak memory |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| device | date | size | mode | tokens (image) | finetune.py flags | tokens/s | peak memory | plan |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     print(
         f"| {device} | {datetime.date.today()} | {name} | {mode} | {args.tokens} ({args.image_tokens}) "
-        f"| {flags} | {tokens_per_s:.0f} | {f'{peak:.2f} GiB' if peak else 'n/a (CPU)'} |"
+        f"| {flags} | {tokens_per_s:.0f} | {f'{peak:.2f} GiB' if peak else 'n/a (CPU)'} "
+        f"| {f'{predicted:.2f} GiB' if predicted else 'failed'} |"
     )
     print(f"\nCommand: python bench/{Path(__file__).name} {shlex.join(sys.argv[1:])}")
 

@@ -8,21 +8,27 @@ OUTPUT_DIR/checkpoints/step-00000500/ holds
   - state.pt: optimizer, scheduler, step, data position, counters and the config (rank 0);
   - rng-<rank>.pt: each process's python, numpy, torch and CUDA random states.
 It is written as .tmp-step-00000500 and renamed when every file is on disk; a folder without the
-final name is never read, and the next save removes it.
+final name is never read, and the next save removes it. A save that fails (a full disk) removes it at
+once and stops the run with one line (disk.py); weights that are no longer finite are never saved.
+--resume checks the checkpoint it picks before anything loads, and passes over a damaged one.
+
+The final model is written the same way: into OUTPUT_DIR/.tmp-model, then moved into OUTPUT_DIR.
 """
 
 import json
 import math
-import os
 import random
+import re
 import shutil
+import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as torch_dist
-from peft import PeftModel, set_peft_model_state_dict
+from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -32,9 +38,22 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from qwen_ft.config import Config, ConfigError
+from qwen_ft.disk import (
+    WRITE_ERRORS,
+    SaveFailed,
+    disk_full,
+    failed_write,
+    free_space,
+    fsync_tree,
+    publish,
+    size,
+    torch_save,
+)
 from qwen_ft.dist import Dist
+from qwen_ft.stop import RunStopped
 
 PREFIX = "step-"
+RETRY_S = 30  # between tries of a final save that found the disk full
 BEST_FILE = "best.json"  # beside the checkpoints: the step and eval loss of the one --save-best keeps
 
 
@@ -46,11 +65,29 @@ def checkpoint_folder(output_dir: str | Path, step: int) -> Path:
     return checkpoints_dir(output_dir) / f"{PREFIX}{step:08d}"
 
 
-def complete_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Finished checkpoints, oldest first; half-written ones (.tmp-*) are not among them."""
+def step_of(folder: Path) -> int:
+    return int(folder.name[len(PREFIX) :])
+
+
+def step_folders(output_dir: str | Path) -> list[Path]:
+    """Every checkpoint folder with its final name, oldest first (half-written ones, .tmp-*, are not)."""
     root = checkpoints_dir(output_dir)
-    found = [p for p in root.glob(f"{PREFIX}*") if (p / "state.pt").is_file()] if root.is_dir() else []
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+    found = [p for p in root.glob(f"{PREFIX}*") if re.fullmatch(rf"{PREFIX}\d+", p.name)] if root.is_dir() else []
+    return sorted(found, key=step_of)
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Finished checkpoints, oldest first: those whose state.pt, written last, is there."""
+    return [p for p in step_folders(output_dir) if (p / "state.pt").is_file()]
+
+
+def kept(output_dir: str | Path, resume: bool = True) -> str:
+    """What a run that stops now keeps, for the line that says why it stopped (with how to go on from it)."""
+    found = complete_checkpoints(output_dir)
+    if not found:
+        return "no checkpoint had been written"
+    resume = ": run the same command with --resume to go on from it" if resume else ""
+    return f"the newest complete checkpoint is {found[-1]}{resume}"
 
 
 def rng_state() -> dict:
@@ -74,17 +111,95 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def finite_weights(model, dist: Dist) -> bool:
+    """Whether every trained weight is finite. Every rank takes part (under FSDP each holds a shard)."""
+    trained = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters() if p.requires_grad]
+    flags = torch.stack([torch.isfinite(p).all() for p in trained]).logical_not().sum() if trained else 0
+    return not dist.all_reduce_sum(torch.as_tensor(flags, dtype=torch.float32, device=dist.device)).item()
+
+
 def barrier(dist: Dist) -> None:
     if dist.world_size > 1:
         torch_dist.barrier()
 
 
-def fsync_tree(folder: Path) -> None:
-    """Flush every file of the folder to disk, so that the rename below publishes complete files."""
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
+def check_finite(model, dist: Dist, step: int, out: Path, what: str) -> None:
+    """Stop, rather than save `what`, when a trained weight is no longer finite (an update that overflowed):
+    a checkpoint always holds finite weights."""
+    if not finite_weights(model, dist):
+        raise RunStopped(
+            f"at step {step} some trained weights are no longer finite (an update overflowed: try a lower --lr), "
+            f"so {what} was not saved; {kept(out)}"
+        )
+
+
+def too_many_bad_steps(bad_in_a_row: int, step: int, model, dist: Dist, out: Path) -> RunStopped:
+    """The stop after --max-bad-steps non-finite steps in a row, saying where finite weights are."""
+    if finite_weights(model, dist):
+        weights = "so the weights are those of the last good step"
+    else:
+        weights = "but the weights were no longer finite already (an update overflowed)"
+    found = complete_checkpoints(out)
+    newest = f"the newest checkpoint, {found[-1]}, holds finite weights" if found else "no checkpoint had been written"
+    return RunStopped(
+        f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (up to step {step}), and their updates "
+        f"were skipped, {weights}; {newest}. Try a lower --lr"
+    )
+
+
+def weights_bytes(inner, weights: dict | None) -> int:
+    """Roughly what save_weights and save_model write: every tensor in the widest dtype (one_dtype), or
+    with LoRA the adapter and the modules trained in full."""
+    if isinstance(inner, PeftModel):
+        return tensor_bytes(get_peft_model_state_dict(inner))
+    tensors = list((weights if weights is not None else inner.state_dict()).values())
+    width = max(t.element_size() for t in tensors if t.is_floating_point())
+    return sum(t.numel() * (width if t.is_floating_point() else t.element_size()) for t in tensors)
+
+
+def check_space(out: Path, model, dist: Dist, cfg: Config) -> None:
+    """Warn before training when the disk of the output folder can't hold what the run will write there:
+    --keep-last checkpoints, one more while a new one is written, and the model. (A full disk stops the
+    run cleanly whenever it comes; this says so hours earlier.)"""
+    if not dist.is_main:
+        return
+    model_bytes = weights_bytes(dist.unwrap(model), None)
+    trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    checkpoint = model_bytes + 2 * trained  # AdamW keeps two tensors the size of each trained weight
+    needed = model_bytes + ((cfg.keep_last + 1) * checkpoint if cfg.save_every else 0)
+    free = free_space(out)
+    if free < needed:
+        print(
+            f"warning: {out} has {size(free)} free, and this run may write up to {size(needed)} there "
+            f"({cfg.keep_last + 1 if cfg.save_every else 0} checkpoints of {size(checkpoint)} at once, the model's "
+            f"{size(model_bytes)}): it will stop when the disk is full",
+            file=sys.stderr,
+        )
+
+
+def tensor_bytes(state) -> int:
+    """The bytes of every tensor in a (nested) state dict."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(tensor_bytes(value) for value in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(tensor_bytes(value) for value in state)
+    return 0
+
+
+def together(dist: Dist, work, what: str, folder: Path, needed: int) -> None:
+    """Run this rank's part of a save (work may be None: nothing to do on this rank). If a write failed on
+    any rank, every rank raises SaveFailed with the first one's reason; all ranks wait here for the rest."""
+    problem = None
+    try:
+        if work:
+            work()
+    except WRITE_ERRORS as e:
+        problem = failed_write(what, folder, e, needed)
+    problems = [p for p in dist.all_gather_objects(problem) if p]
+    if problems:
+        raise SaveFailed(problems[0])
 
 
 def save_checkpoint(
@@ -92,14 +207,11 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint `step` (every rank takes part); keep the newest cfg.keep_last, and the best one:
     best is {"step", "eval_loss"} of the checkpoint --save-best keeps, which is this one when its step is
-    this step (then recorded in BEST_FILE). Returns its path."""
+    this step (then recorded in BEST_FILE). Returns its path. SaveFailed (removing what was written) if
+    a write fails; RunStopped if the weights are not finite."""
     root, final = checkpoints_dir(out), checkpoint_folder(out, step)
     partial = root / f".tmp-{final.name}"
-    if dist.is_main:
-        for stale in root.glob(f".tmp-{PREFIX}*"):  # left by a crash during an earlier save
-            shutil.rmtree(stale)
-        partial.mkdir(parents=True)
-    barrier(dist)
+    check_finite(model, dist, step, out, f"checkpoint {final.name}")
     # Under FSDP, gathering the weights and optimizer state is a collective: every rank calls it.
     weights = dist.full_state_dict(model)
     optimizer_state = (
@@ -107,29 +219,90 @@ def save_checkpoint(
         if dist.fsdp
         else optimizer.state_dict()
     )
-    torch.save(rng_state(), partial / f"rng-{dist.rank}.pt")
-    if dist.is_main:
-        save_weights(partial, dist.unwrap(model), weights)
-        processor.save_pretrained(partial)
-        resume = {"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(), **counters}
-        torch.save(resume, partial / "state.pt")
-        cfg.save(partial / "train_config.json")
-    barrier(dist)
-    if dist.is_main:
+    needed = weights_bytes(dist.unwrap(model), weights) + tensor_bytes(optimizer_state)
+
+    def prepare() -> None:
+        for stale in root.glob(f".tmp-{PREFIX}*"):  # left by a crash during an earlier save
+            shutil.rmtree(stale)
+        partial.mkdir(parents=True)
+
+    def write() -> None:
+        torch_save(rng_state(), partial / f"rng-{dist.rank}.pt")
+        if dist.is_main:
+            save_weights(partial, dist.unwrap(model), weights)
+            processor.save_pretrained(partial)
+            resume = {"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(), **counters}
+            torch_save(resume, partial / "state.pt")
+            cfg.save(partial / "train_config.json")
+
+    def rename() -> None:
         fsync_tree(partial)
         if final.exists():  # left by an earlier run in this folder that was not resumed: replaced, not kept
             final.rename(root / f".tmp-{final.name}.old")
         partial.rename(final)
         shutil.rmtree(root / f".tmp-{final.name}.old", ignore_errors=True)
+
+    try:
+        for work in (prepare if dist.is_main else None, write, rename if dist.is_main else None):
+            together(dist, work, f"checkpoint {final.name}", root, needed)
+    except SaveFailed as e:
+        if dist.is_main:
+            shutil.rmtree(partial, ignore_errors=True)  # frees what it took: nothing half written stays
+        raise SaveFailed(f"{e}; {kept(out)}") from None
+    if dist.is_main:
         if best and best["step"] == step:
             written = root / f".tmp-{BEST_FILE}"
             written.write_text(json.dumps(best) + "\n")
             written.rename(root / BEST_FILE)
+        for old in step_folders(out):
+            # Later steps than this one belong to no run that goes on: an earlier run's in this folder, or
+            # those after the checkpoint this run resumed from (a damaged one, say).
+            if step_of(old) > step:
+                shutil.rmtree(old)
         for old in complete_checkpoints(out)[: -cfg.keep_last]:
             if not best or old != checkpoint_folder(out, best["step"]):
                 shutil.rmtree(old)
-    barrier(dist)
+    barrier(dist)  # no rank goes on before the checkpoint is complete
     return final
+
+
+def save_final_model(out: Path, step: int, model, processor, dist: Dist, stop, wait_minutes: float) -> None:
+    """The fine-tuned model in OUTPUT_DIR, as from_pretrained loads it (save_model), with its processor:
+    written into OUTPUT_DIR/.tmp-model, then moved in (disk.publish). On a full disk the trained weights
+    are still in memory: the save is tried again every 30 s for up to wait_minutes, for the user to make
+    room, unless a signal asks to stop. Every rank calls it (FSDP gathers the weights); rank 0 writes."""
+    check_finite(model, dist, step, out, "the fine-tuned model")
+    weights = dist.full_state_dict(model)  # FSDP gathers the shards (all ranks); else None
+    if not dist.is_main:
+        return
+    inner, partial = dist.unwrap(model), out / ".tmp-model"
+    needed, deadline, said = weights_bytes(inner, weights), time.monotonic() + 60 * wait_minutes, False
+    while True:
+        shutil.rmtree(partial, ignore_errors=True)  # a crash's, or the last try's
+        try:
+            partial.mkdir(parents=True)
+            save_model(partial, inner, weights)
+            processor.save_pretrained(partial)
+            publish(partial, out)
+            return
+        except WRITE_ERRORS as e:
+            shutil.rmtree(partial, ignore_errors=True)
+            problem = failed_write("the fine-tuned model", out, e, needed)
+            if not disk_full(e) or stop.received or time.monotonic() > deadline:
+                lost = "the trained weights are lost with this process"
+                raise SaveFailed(f"{problem}; {lost}, and {kept(out)}") from None
+            if not said:
+                print(
+                    f"warning: {problem}. The trained weights are still in memory: make room there, and the save "
+                    f"is tried again every {RETRY_S} s for up to {wait_minutes:g} minutes (Ctrl-C gives up)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                said = True
+        for _ in range(RETRY_S):  # a second at a time, to see a signal soon
+            if stop.received:
+                break
+            time.sleep(1)
 
 
 def best_checkpoint(out: Path, resumed_step: int | None = None) -> dict:
@@ -229,10 +402,7 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, dist: Dist) -> di
     # for an unchanged length is the same number, computed as LambdaLR computes it.
     for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base_lr * factor(scheduler.last_epoch)
-    rng = folder / f"rng-{dist.rank}.pt"
-    if not rng.is_file():
-        raise ValueError(f"{folder} was written by fewer processes: it has no {rng.name}")
-    set_rng_state(torch.load(rng, weights_only=True))
+    set_rng_state(torch.load(folder / f"rng-{dist.rank}.pt", weights_only=True))  # find_checkpoint saw it
     return state
 
 
@@ -240,7 +410,7 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, dist: Dist) -> di
 # change how long the run goes and what it writes, not the steps it takes.
 MAY_CHANGE = {
     "output_dir", "resume", "max_steps", "epochs", "save_every", "keep_last", "num_workers",
-    "max_bad_steps", "skip_bad_samples", "media_root", "check_media",
+    "max_bad_steps", "skip_bad_samples", "media_root", "check_media", "full_disk_wait",
     "eval_data", "eval_every", "eval_generate", "save_best", "report_to",
 }  # fmt: skip
 
@@ -255,16 +425,82 @@ def config_changes(saved: dict, cfg: Config) -> tuple[list[str], list[str]]:
     return allowed, refused
 
 
-def find_checkpoint(resume: str, output_dir: str | Path) -> Path:
-    """The folder --resume names: the newest complete checkpoint of output_dir for "latest"."""
-    if resume == "latest":
-        found = complete_checkpoints(output_dir)
-        if not found:
-            raise ConfigError(f"--resume: {checkpoints_dir(output_dir)} holds no complete checkpoint")
-        return found[-1]
-    if not (Path(resume) / "state.pt").is_file():
-        raise ConfigError(f"--resume {resume}: not a complete checkpoint (it has no state.pt)")
-    return Path(resume)
+def safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file is unusable (cut short, a header that doesn't parse), or None. Reads the header alone."""
+    try:
+        with open(path, "rb") as f:
+            header_size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_size))
+        data_size = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return "has no readable header"
+    expected, actual = 8 + header_size + data_size, path.stat().st_size
+    return None if actual == expected else f"is cut short ({actual:,} of {expected:,} bytes)"
+
+
+def checkpoint_problem(folder: Path, world_size: int, lora: bool) -> str | None:
+    """What makes a checkpoint unusable for this run's resume, or None: a file missing, cut short or unreadable.
+    Reads headers and metadata, not the tensors (state.pt is mapped, not loaded)."""
+    weights = "adapter_model.safetensors" if lora else "model.safetensors"
+    for name in ("train_config.json", "state.pt", weights):
+        if not (folder / name).is_file():
+            return f"it has no {name}"
+    problem = safetensors_problem(folder / weights)
+    if problem:
+        return f"its {weights} {problem}"
+    try:
+        json.loads((folder / "train_config.json").read_text())
+    except (OSError, ValueError):
+        return "its train_config.json is not readable JSON"
+    written_by = {int(p.name[4:-3]) for p in folder.glob("rng-*.pt") if re.fullmatch(r"rng-\d+\.pt", p.name)}
+    missing = [rank for rank in range(world_size) if rank not in written_by]
+    if missing:
+        processes = max(written_by, default=-1) + 1
+        if processes and missing[0] == processes and set(range(processes)) <= written_by:  # another world size
+            raise ConfigError(
+                f"--resume: {folder} was written by {processes} process{'es' if processes > 1 else ''} and this "
+                f"run has {world_size}: resume it with as many"
+            )
+        return f"it has no rng-{missing[0]}.pt"
+    for name in ["state.pt", *(f"rng-{rank}.pt" for rank in range(world_size))]:
+        try:
+            torch.load(folder / name, weights_only=True, mmap=True)
+        except Exception as e:  # whatever torch finds wrong with it (a cut-short zip, an unreadable record)
+            return f"its {name} is not readable ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    return None
+
+
+def find_checkpoint(resume: str, output_dir: str | Path, dist: Dist, lora: bool) -> Path:
+    """The checkpoint --resume names, checked (checkpoint_problem) before anything loads: for "latest" the
+    newest complete one in output_dir, passing over damaged ones with a warning; ConfigError if none will do.
+    Rank 0 checks (every rank's files), and every rank gets its answer."""
+    found, refused = None, None
+    if dist.is_main:
+        try:
+            found = str(pick_checkpoint(resume, output_dir, dist.world_size, lora))
+        except ConfigError as e:
+            refused = str(e)
+    found, refused = dist.all_gather_objects((found, refused))[0]
+    if refused:
+        raise ConfigError(refused)
+    return Path(found)
+
+
+def pick_checkpoint(resume: str, output_dir: str | Path, world_size: int, lora: bool) -> Path:
+    if resume != "latest":
+        problem = checkpoint_problem(Path(resume), world_size, lora)
+        if problem:
+            raise ConfigError(f"--resume {resume}: not a complete checkpoint: {problem}")
+        return Path(resume)
+    damaged = []
+    for folder in reversed(step_folders(output_dir)):
+        problem = checkpoint_problem(folder, world_size, lora)
+        if not problem:
+            return folder
+        print(f"warning: checkpoint {folder} is damaged ({problem}): trying the one before it", file=sys.stderr)
+        damaged.append(f"{folder.name}: {problem}")
+    found = f" ({'; '.join(damaged)})" if damaged else ""
+    raise ConfigError(f"--resume: {checkpoints_dir(output_dir)} holds no complete checkpoint{found}")
 
 
 def check_resume_config(folder: Path, cfg: Config) -> list[str]:

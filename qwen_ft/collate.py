@@ -7,15 +7,20 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 from transformers.video_utils import VideoMetadata
 
+from qwen_ft import grounding
 from qwen_ft.config import ConfigError
-from qwen_ft.media import MediaError, load_image
+from qwen_ft.families import family_of_processor
+from qwen_ft.media import MediaError, hide_pil_size_warning, load_image
 from qwen_ft.packing import pack
 from qwen_ft.samples import Sample
-from qwen_ft.video import VideoError, VideoSettings, load_video
+from qwen_ft.video import VideoError, VideoSettings, clip_metadata, load_video
 
 IGNORE_INDEX = -100  # label of positions that don't count in the loss (cross_entropy's ignore_index)
+# What every Qwen chat template writes for a video part, which the processor then expands at its <|video_pad|>.
+TEMPLATE_VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
 # Per-token tensors of a processor batch; the rest (pixel_values, *_grid_thw) are per image or video.
 TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
 
@@ -47,6 +52,14 @@ class SpecialTokens:
         if header[0] != ids["im_start"] or tokenizer.decode(header[-1:]) != "\n":
             raise ConfigError(f"unexpected tokenization of the assistant header: {header}")
         return cls(**ids, assistant_header=tuple(header[:-1]), all_strings=tuple(tokenizer.all_special_tokens))
+
+
+def writes_frame_pairs(processor) -> bool:
+    """Whether the processor writes each frame of a video between a <|vision_start|> and <|vision_end|> of its own
+    (Qwen3-VL's, after the frame's time), asked of its expansion of a one-token video."""
+    merge = processor.video_processor.merge_size
+    video = {"video_grid_thw": torch.tensor([[1, merge, merge]]), "video_metadata": [clip_metadata([0.0], 1.0)]}
+    return "<|vision_start|>" in processor.replace_video_token(video, 0)
 
 
 def assistant_labels(ids: list[int], tokens: SpecialTokens) -> list[int]:
@@ -103,24 +116,49 @@ class Collator:
         self.template_options = {"enable_thinking": False} if thinking else {}
         video_processor = processor.video_processor
         self.video_factor = video_processor.patch_size * video_processor.merge_size  # frame sides are multiples
+        self.max_pixels = processor.image_processor.size["longest_edge"]  # --max-pixels: what images shrink to
+        hide_pil_size_warning()  # load_image refuses what PIL would warn about
+        # Qwen3-VL's processor (Qwen3-VL-MoE's and Qwen3.5's too) writes each frame of a video as its time and
+        # a pair of its own: <0.5 seconds><|vision_start|>...<|vision_end|>. The released processor put that in
+        # place of the template's three tokens, and so do LLaMA-Factory and serving engines: that is the text the
+        # models know. transformers 5 expands the <|video_pad|> alone, keeping the template's pair around all the
+        # frames; texts() drops that pair.
+        self.frames_in_own_pairs = writes_frame_pairs(processor)
+        self.family = family_of_processor(processor)  # how it writes boxes and points (grounding.py)
+
+    def resized(self, height: int, width: int) -> tuple[int, int]:
+        """An image's (height, width) as the image processor resizes it: Qwen's smart resize with its settings."""
+        image_processor = self.processor.image_processor
+        factor = image_processor.patch_size * image_processor.merge_size
+        size = image_processor.size
+        return smart_resize(height, width, factor, min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])
+
+    def render(self, conversation: list[dict], image_sizes: list[tuple[int, int]]) -> list[dict]:
+        """The conversation with its boxes and points written as this model's family writes them, for images of
+        these (height, width) sizes, in the numbers the model sees after the resize (grounding.py)."""
+        return grounding.render(conversation, image_sizes, self.family, self.resized)
 
     def texts(self, conversations: list[list[dict]], generation_prompt: bool = False) -> list[str]:
         """The chat template's text of each conversation: one call for all, which pays the template's set-up once."""
-        return self.processor.apply_chat_template(
+        texts = self.processor.apply_chat_template(
             conversations, tokenize=False, add_generation_prompt=generation_prompt, **self.template_options
         )
+        if self.frames_in_own_pairs:
+            texts = [text.replace(TEMPLATE_VIDEO, "<|video_pad|>") for text in texts]
+        return texts
 
     def media(self, conversation: list[dict]) -> tuple[list, list]:
         """A conversation's images and videos (frames, metadata), loaded; MediaError if one fails."""
         parts = [part for message in conversation for part in message["content"]]
-        images = [load_image(part["image"]) for part in parts if part["type"] == "image"]
+        images = [load_image(part["image"], self.max_pixels) for part in parts if part["type"] == "image"]
         videos = [self.load_video(part) for part in parts if part["type"] == "video"]
         return images, videos
 
     def process(self, conversations: list[list[dict]], generation_prompt=False, padding_side="right", media=None):
         """The processor's batch for these conversations, with their media (loaded here unless given)."""
-        texts = self.texts(conversations, generation_prompt)
         media = media if media is not None else [self.media(c) for c in conversations]
+        sizes = [[(image.height, image.width) for image in images] for images, _ in media]
+        texts = self.texts([self.render(c, s) for c, s in zip(conversations, sizes)], generation_prompt)
         images = [image for sample_images, _ in media for image in sample_images]
         videos = [video for _, sample_videos in media for video in sample_videos]
         batch = self.processor(

@@ -3,6 +3,7 @@
 import argparse
 import dataclasses
 import json
+import math
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from qwen_ft.trackers import TRACKERS
 from qwen_ft.video import VideoSettings
 
 PRECISIONS = ("bf16-mixed", "bf16", "fp32")
+OPTIMIZERS = ("adamw", "adamw8bit", "paged-adamw8bit")
 
 
 class ConfigError(Exception):
@@ -83,6 +85,12 @@ class Config:
     merger_lr: float | None = option(None, "peak learning rate of the merger trained in full (default: --lr)")
     warmup_steps: int = option(10, "optimizer steps of linear learning-rate warm-up")
     weight_decay: float = option(0.0, "AdamW weight decay (never applied to biases and norms)")
+    optim: str = option(
+        "adamw",
+        "adamw: torch's AdamW; adamw8bit: bitsandbytes' AdamW with 8-bit states (a quarter of the memory); "
+        "paged-adamw8bit: the same, paged to CPU memory when the GPU's runs short (CUDA only)",
+        choices=OPTIMIZERS,
+    )
     max_grad_norm: float = option(1.0, "clip the gradient norm to this (0 turns clipping off)")
 
     # What trains and how
@@ -121,6 +129,11 @@ class Config:
         nargs="?",
         const="latest",
         metavar="PATH",
+    )
+    full_disk_wait: float = option(
+        60.0,
+        "when the disk is full at the final save, minutes to wait for room (trying again every 30 s, the trained "
+        "weights kept in memory) before giving up",
     )
     max_bad_steps: int = option(5, "stop after this many steps in a row with a non-finite loss or gradient")
     skip_bad_samples: bool = option(False, "skip a sample whose media fails to load during training (else stop)")
@@ -174,16 +187,25 @@ class Config:
             self.lora = True  # QLoRA is LoRA on a 4-bit base
         if self.fsdp and self.lora:
             raise ValueError("--fsdp is for full fine-tuning; LoRA and QLoRA runs fit one GPU each and use DDP")
-        if (
-            self.lr <= 0
-            or self.warmup_steps < 0
-            or self.weight_decay < 0
-            or self.max_grad_norm < 0
-            or self.save_every < 0
-        ):
-            raise ValueError(
-                "--lr must be positive; --warmup-steps, --weight-decay, --max-grad-norm and --save-every not negative"
-            )
+        self.check_numbers()
+
+    def check_numbers(self) -> None:
+        """Numbers out of range are usage errors here, not a traceback or non-finite weights hours later."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):  # argparse takes "nan", "inf" and 1e999
+                raise ValueError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
+        for name in ("lr", "vision_lr", "merger_lr"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value <= 1:
+                # AdamW moves each weight by up to about lr a step: above 1, it steps past anything pretrained
+                # (and past fp32's range from about 3e38).
+                raise ValueError(f"--{name.replace('_', '-')} must be above 0 and at most 1, got {value}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"--lora-dropout must be at least 0 and below 1, got {self.lora_dropout}")
+        for name in ("warmup_steps", "weight_decay", "max_grad_norm", "save_every", "full_disk_wait"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
 
     def video(self) -> VideoSettings:
         """The defaults for a sample's video parts."""

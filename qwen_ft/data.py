@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from qwen_ft import hf_datasets
-from qwen_ft.formats import CONTENT_KEYS, FORMATS, formats_of, to_messages
+from qwen_ft import grounding, hf_datasets
+from qwen_ft.formats import AUDIO_PARTS, AUDIO_PLACEHOLDER, CONTENT_KEYS, FORMATS, NO_AUDIO, formats_of, to_messages
 from qwen_ft.media import MediaError, is_url, resolve, shorten
 from qwen_ft.samples import SampleBuilder, Samples, Source, where
 
@@ -32,6 +32,12 @@ MESSAGE_KEYS = ("role", "content")
 # Other formats' stand-ins for media in text: read as such in those formats, a mistake in this one.
 PLACEHOLDERS = ("<image>", "<video>")
 MAX_ERRORS_SHOWN = 10
+# A larger sample (a JSONL line; in other files, a sample's texts and media references) is refused before it is
+# copied: it is a mistake or an attack, and the copies a sample goes through would take many times its size. It
+# leaves room for a 64 MiB image inline as a data: URL (85 MiB of base64).
+MAX_SAMPLE_CHARS = 128 * 2**20
+# json reads nested arrays and objects by recursion, up to Python's recursion limit (about 1000 levels).
+TOO_DEEP = "nested too deeply to read (a sample's values nest a few levels deep, this one hundreds)"
 
 
 class DataError(Exception):
@@ -71,14 +77,18 @@ def parse_columns(spec: str) -> dict[str, str]:
     return renames
 
 
+def too_large() -> str:
+    return f"longer than {MAX_SAMPLE_CHARS / 2**20:g} MiB, which no sample needs: leave it out"
+
+
 def is_jsonl(path: Path, first_line: str) -> bool:
     """A .jsonl file, or a .json one holding one object per line (a common mix-up)."""
     if path.suffix == ".jsonl":
         return True
     try:
         return isinstance(json.loads(first_line), dict)
-    except json.JSONDecodeError:
-        return False
+    except (json.JSONDecodeError, RecursionError):  # not JSON (a part of a JSON list), or nested too deeply: the
+        return False  # file is read as one JSON document, which says which
 
 
 def read_records(path: Path):
@@ -94,13 +104,17 @@ def read_records(path: Path):
         return
     try:
         with path.open(encoding="utf-8") as file:
-            first_line = file.readline()
+            first_line = file.readline(MAX_SAMPLE_CHARS + 1)
             while first_line and not first_line.strip():
-                first_line = file.readline()
+                first_line = file.readline(MAX_SAMPLE_CHARS + 1)
             if is_jsonl(path, first_line):
                 file.seek(0)
-                samples = 0
-                for number, line in enumerate(file, start=1):
+                samples, number = 0, 0
+                # A line at most MAX_SAMPLE_CHARS + 1 long at a time: a longer one is refused before it is read whole.
+                while line := file.readline(MAX_SAMPLE_CHARS + 1):
+                    number += 1
+                    if len(line) > MAX_SAMPLE_CHARS:
+                        raise DataError(f"{where(path, samples, number)}: {too_large()}")
                     if not line.strip():
                         continue
                     try:
@@ -109,6 +123,8 @@ def read_records(path: Path):
                         raise DataError(
                             f"{where(path, samples, number)}: malformed JSON: {e.msg} at column {e.colno}"
                         ) from None
+                    except RecursionError:
+                        raise DataError(f"{where(path, samples, number)}: {TOO_DEEP}") from None
                     samples += 1
                     yield number, record
                 return
@@ -120,6 +136,8 @@ def read_records(path: Path):
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: malformed JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:
+        raise DataError(f"{path}: {TOO_DEEP}") from None
     del text
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of samples (or a .jsonl file), got a {type(data).__name__}")
@@ -147,7 +165,9 @@ def normalise_part(part, resolve_ref, special_tokens: tuple[str, ...]) -> dict:
         part = {"type": "text", "text": part}
     if not isinstance(part, dict):
         raise ValueError(f"a content part is a {type(part).__name__}, expected an object")
-    kind = part.get("type") or next((k for k in ("text", *MEDIA_TYPES) if k in part), None)
+    kind = part.get("type") or next((k for k in ("text", *MEDIA_TYPES, *AUDIO_PARTS) if k in part), None)
+    if kind in AUDIO_PARTS:
+        raise ValueError(f"an audio part: {NO_AUDIO}")
     if kind == "text":
         text = part.get("text")
         if not isinstance(text, str):
@@ -155,6 +175,8 @@ def normalise_part(part, resolve_ref, special_tokens: tuple[str, ...]) -> dict:
         for token in special_tokens:
             if token in text:
                 raise ValueError(f"text contains the special token {token}; remove it from the data")
+        if AUDIO_PLACEHOLDER in text:
+            raise ValueError(f"text contains the placeholder {AUDIO_PLACEHOLDER}, which stands for audio: {NO_AUDIO}")
         for placeholder in PLACEHOLDERS:
             if placeholder in text:
                 kind = placeholder.strip("<>")
@@ -164,6 +186,8 @@ def normalise_part(part, resolve_ref, special_tokens: tuple[str, ...]) -> dict:
                     f"sample an '{kind}s' list (LLaMA-Factory's format)"
                 )
         return {"type": "text", "text": text}
+    if kind in grounding.PARTS:  # a box, point or referring expression
+        return grounding.normalise_part(part, kind, special_tokens)
     if kind in MEDIA_TYPES:
         ref = next((part[k] for k in (kind, *MEDIA_KEYS) if part.get(k) is not None), None)
         if kind == "image" and not isinstance(ref, str):
@@ -178,12 +202,13 @@ def normalise_part(part, resolve_ref, special_tokens: tuple[str, ...]) -> dict:
         except MediaError as e:
             raise ValueError(f"{kind} {e}") from None
         return {**part, "type": kind, kind: resolved}
-    raise ValueError(f"unknown content type {part.get('type')!r} (expected text or {' or '.join(MEDIA_TYPES)})")
+    known = ", ".join(("text", *MEDIA_TYPES, *grounding.PARTS))
+    raise ValueError(f"unknown content type {part.get('type')!r} (expected one of {known})")
 
 
 def check_sample(record: dict, resolve_ref, special_tokens: tuple[str, ...], require_answer: bool = True) -> list[dict]:
     """The messages of a sample in the messages form, normalised; ValueError saying what is wrong otherwise."""
-    messages = []
+    messages, size = [], 0  # size: characters of text and references so far
     for number, message in enumerate(record["messages"]):
         if not isinstance(message, dict):
             raise ValueError(f"message {number} is not an object")
@@ -207,13 +232,17 @@ def check_sample(record: dict, resolve_ref, special_tokens: tuple[str, ...], req
             parts = [normalise_part(part, resolve_ref, special_tokens) for part in content]
         except ValueError as e:
             raise ValueError(f"message {number}: {e}") from None
-        if role != "user" and any(part["type"] != "text" for part in parts):
+        size += sum(len(value) for part in parts for value in part.values() if isinstance(value, str))
+        if size > MAX_SAMPLE_CHARS:
+            raise ValueError(f"its texts and media references are {too_large()}")
+        if role != "user" and any(part["type"] in MEDIA_TYPES for part in parts):
             raise ValueError(f"message {number} ({role}) has media; images and videos belong in user messages")
         messages.append({"role": role, "content": parts})
     if not any(m["role"] == "user" for m in messages):
         raise ValueError("no user message")
     if require_answer and not any(m["role"] == "assistant" for m in messages):
         raise ValueError("no assistant message, so nothing to train on")
+    grounding.check_images(messages)
     return messages
 
 
@@ -248,6 +277,8 @@ def read_samples(
                 messages = check_sample(to_messages(record, fits[0]), resolve_ref, special_tokens, require_answer)
             except ValueError as e:
                 errors.append(f"{where(path, index, line)}: {e}")
+            except RecursionError:  # a value json could read, nested too deeply to be printed or copied
+                errors.append(f"{where(path, index, line)}: {TOO_DEEP}")
             builder.add(index, line, messages)
         if len(builder) == first:
             raise DataError(f"{path}: no samples")

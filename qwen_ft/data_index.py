@@ -25,7 +25,7 @@ from qwen_ft.samples import Samples, Source
 from qwen_ft.video import VideoPlan
 
 FOLDER = ".qwen-ft-data-index"
-VERSION = 1  # of what an index file holds; a change makes every older file a miss
+VERSION = 3  # of what an index file holds; a change makes every older file a miss (3: boxes written in the counts)
 
 
 def index_folder(output_dir: str | Path) -> Path:

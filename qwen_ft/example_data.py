@@ -7,6 +7,10 @@ answers can only be read off the picture, so a model that gets them right sees t
 Besides one-picture questions there are two-picture, multi-turn and text-only samples, and short
 videos of a shape that moves or changes colour, whose answers need more than one frame.
 The train and test sets come from different seeds: no test picture is in the train set.
+
+The grounding split (train_data/grounding/, test_data/grounding/) asks where the shape is, in pictures of
+varied sizes and aspect ratios with a shape at a random place and of a random size, and answers with its box,
+in pixels of the picture: each model family writes it in its own convention when it trains (grounding.py).
 """
 
 import argparse
@@ -160,6 +164,40 @@ class Writer:
         (self.out / "data.json").write_text(json.dumps(self.samples, indent=1) + "\n")
 
 
+GROUNDING_SIDES = (112, 224)  # each side of a grounding picture, in pixels: 16 to 64 image tokens
+GROUNDING_RADIUS = (0.15, 0.3)  # of the picture's shorter side
+
+
+def grounding(out: Path, seed: int, samples: int) -> None:
+    """Pictures of a shape at a random place and size, and "Where is the red triangle?" answered with the
+    shape's box (the box of the drawn shape, in pixels): out/data.json and out/images/."""
+    rng = random.Random(seed)
+    shutil.rmtree(out / "images", ignore_errors=True)
+    (out / "images").mkdir(parents=True)
+    written = []
+    for number in range(samples):
+        width, height = (rng.randint(*GROUNDING_SIDES) for _ in range(2))
+        image = Image.new("RGB", (width, height), (255, 255, 255))
+        pen = ImageDraw.Draw(image)
+        colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+        r = round(rng.uniform(*GROUNDING_RADIUS) * min(width, height))
+        cx, cy = rng.randint(r, width - r), rng.randint(r, height - r)
+        box = [cx - r, cy - r, cx + r, cy + r]
+        if shape == "circle":
+            pen.ellipse(box, fill=COLOURS[colour])
+        elif shape == "square":
+            pen.rectangle(box, fill=COLOURS[colour])
+        else:
+            pen.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLOURS[colour])
+        name = f"images/{number:04d}.png"
+        image.quantize(len(COLOURS) + 1).save(out / name)  # flat colours: a palette PNG, a fifth of the size
+        label = f"{colour} {shape}"
+        question = [{"type": "image", "image": name}, {"type": "text", "text": f"Where is the {label}?"}]
+        answer = [{"type": "box", "box": box, "label": label}]
+        written.append({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]})
+    (out / "data.json").write_text(json.dumps(written, indent=1) + "\n")
+
+
 def generate(
     out: Path, seed: int, single: int, two_pictures: int, multi_turn: int, videos: int, text_repeats: int
 ) -> None:
@@ -179,6 +217,8 @@ def main() -> None:
     args = parser.parse_args()
     generate(Path(args.train_dir), seed=1, single=800, two_pictures=400, multi_turn=80, videos=24, text_repeats=5)
     generate(Path(args.test_dir), seed=2, single=150, two_pictures=20, multi_turn=20, videos=2, text_repeats=1)
+    grounding(Path(args.train_dir) / "grounding", seed=3, samples=1000)
+    grounding(Path(args.test_dir) / "grounding", seed=4, samples=200)
 
 
 if __name__ == "__main__":

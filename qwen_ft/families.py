@@ -21,14 +21,33 @@ class Family:
     model_types: tuple[str, ...]  # config.json's model_type
     hub_names: tuple[str, ...]  # published models to pass to --model
     packing_refused: str | None = None  # why --packing can't keep this family's samples apart, if it can't
+    processor: str = "Qwen3VLProcessor"  # the class of its processor, by which a processor tells its family
+    # How its boxes and points are written (grounding.py): "tokens", Qwen2-VL's special tokens around
+    # "(x1,y1),(x2,y2)", or "json", {"bbox_2d": [x1, y1, x2, y2], "label": ...} in a ```json list; and in
+    # what numbers: "1000", thousandths of the image's width and height, or "resized", pixels of the
+    # image as the processor resized it.
+    box_form: str = "json"
+    box_scale: str = "1000"
 
 
+# Grounding conventions, as Qwen documents them: Qwen2-VL's paper (arXiv 2409.12191, 2.2.1) and the Qwen2-VL
+# section of Qwen3-VL's qwen-vl-finetune/tools/process_bbox.ipynb; Qwen2.5-VL's cookbooks/spatial_understanding.ipynb
+# (pixels of the resized image) and process_bbox.ipynb; Qwen3-VL's cookbooks/2d_grounding.ipynb (0 to 1000).
+# Qwen3-VL-MoE and Qwen3.5 share Qwen3-VL's processor and, with no document of their own, its convention.
 FAMILIES = (
-    Family("qwen2-vl", ("qwen2_vl",), ("Qwen/Qwen2-VL-2B-Instruct", "Qwen/Qwen2-VL-7B-Instruct")),
+    Family(
+        "qwen2-vl",
+        ("qwen2_vl",),
+        ("Qwen/Qwen2-VL-2B-Instruct", "Qwen/Qwen2-VL-7B-Instruct"),
+        processor="Qwen2VLProcessor",
+        box_form="tokens",
+    ),
     Family(
         "qwen2.5-vl",
         ("qwen2_5_vl",),
         ("Qwen/Qwen2.5-VL-3B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct", "Qwen/Qwen2.5-VL-32B-Instruct"),
+        processor="Qwen2_5_VLProcessor",
+        box_scale="resized",
     ),
     Family(
         "qwen3-vl",
@@ -66,3 +85,13 @@ def family_of(config) -> Family:
     architectures = ", ".join(getattr(config, "architectures", None) or []) or model_type
     supported = ", ".join(f"{f.name} ({f.hub_names[0]}, ...)" for f in FAMILIES)
     raise UnsupportedModel(f"{architectures} is not a model qwen-ft trains; the supported families are {supported}")
+
+
+def family_of_processor(processor) -> Family:
+    """The first family whose processor is of this class: the family itself, or (Qwen3VLProcessor, which
+    Qwen3-VL, Qwen3-VL-MoE and Qwen3.5 share) one that differs from it in nothing a processor touches."""
+    name = type(processor).__name__
+    for family in FAMILIES:
+        if family.processor == name:
+            return family
+    raise UnsupportedModel(f"a {name} is not the processor of a model qwen-ft trains")

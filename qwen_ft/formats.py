@@ -18,6 +18,8 @@ stood, in order. The messages then go through the same checks whatever the forma
 
 import re
 
+from qwen_ft.grounding import place_objects
+
 FORMATS = ("messages", "sharegpt", "llava", "trl", "qwen-vl", "qa")  # detection prefers the earlier of equals
 MEDIA_KINDS = ("image", "video")
 # The names a turn's speaker goes by, in each format's words.
@@ -28,12 +30,19 @@ QWEN_VL_IMAGE = re.compile(r"<img>(.*?)</img>", re.DOTALL)
 # The sample keys each format reads ("id" only names a sample, in every format).
 FORMAT_KEYS = {
     "messages": ("messages",),
-    "sharegpt": ("conversations", "messages", "system", "images", "videos"),
+    "sharegpt": ("conversations", "messages", "system", "images", "videos", "objects"),  # objects: ms-swift's boxes
     "llava": ("conversations", "image", "video"),
     "trl": ("messages", "images", "videos"),
     "qwen-vl": ("conversations",),
     "qa": ("question", "answer", "system", "image", "images", "video", "videos"),
 }
+# Audio, as other tools' formats carry it: LLaMA-Factory's "audios" list and <audio> placeholders, audio parts
+# in messages (transformers' "audio", OpenAI's "input_audio"). Read as metadata or text, a sample would train on
+# answers about sounds the model never hears.
+AUDIO_KEYS = ("audios", "audio")
+AUDIO_PLACEHOLDER = "<audio>"
+AUDIO_PARTS = ("audio", "input_audio")
+NO_AUDIO = "Qwen vision-language models take no audio: leave audio samples out of the data"
 # A key that some format reads as content: a sample holding one its own format doesn't read would lose it,
 # so that is an error. Any other key (a source, a licence) is the sample's metadata and is not read.
 CONTENT_KEYS = frozenset(key for keys in FORMAT_KEYS.values() for key in keys)
@@ -77,6 +86,9 @@ def sample_shapes(record: dict) -> tuple[str, ...]:
 
 def to_messages(record: dict, data_format: str) -> dict:
     """The sample in the messages form: {"messages": [...]} (and its "id"); ValueError says what is wrong."""
+    for key in AUDIO_KEYS:
+        if record.get(key):  # an empty list, or a table's empty cell, holds no audio
+            raise ValueError(f"the sample has audio ({key!r}): {NO_AUDIO}")
     for key in record:
         if key in CONTENT_KEYS and key not in FORMAT_KEYS[data_format]:
             raise ValueError(
@@ -98,6 +110,8 @@ def to_messages(record: dict, data_format: str) -> dict:
         messages = conversation(record.get(key), key, media, data_format)
         if data_format == "sharegpt" and record.get("system") is not None:
             messages.insert(0, {"role": "system", "content": record["system"]})
+        if data_format == "sharegpt" and record.get("objects") is not None:  # ms-swift's <ref-object> and <bbox>
+            messages = place_objects(messages, record["objects"])
     return {**sample, "messages": messages}
 
 

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         for line in describe(samples):
             print(line, file=sys.stderr if as_json else sys.stdout)
         samples = samples[:limit]
-        check_media(samples, cfg.video(), collator.video_factor, full=cfg.check_media == "full")
+        check_media(samples, cfg.video(), collator.video_factor, cfg.check_media == "full", max_pixels=cfg.max_pixels)
         measure(collator, samples)
         kept = fit(samples, cfg.max_length)
     except (DataError, MediaError, ModelUnavailable) as e:

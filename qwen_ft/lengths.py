@@ -16,7 +16,7 @@ import torch
 
 from qwen_ft.collate import IGNORE_INDEX, Collator, assistant_labels
 from qwen_ft.samples import Sample, Samples
-from qwen_ft.stop import ignore_signals
+from qwen_ft.stop import die_with_parent, ignore_signals, signals_deferred
 from qwen_ft.video import VideoPlan, clip_metadata
 
 CHUNK = 512  # samples templated and tokenized in one call
@@ -47,7 +47,7 @@ def token_ids(collator: Collator, sample: Sample) -> list[int]:
     """The input_ids the processor will produce for this sample, from its media's sizes alone."""
     tokens = collator.tokens
     images, plans = iter(sample.image_sizes), iter(sample.video_plans)
-    text = collator.texts([sample.messages])[0]
+    text = collator.texts([collator.render(sample.messages, sample.image_sizes)])[0]
     expanded = []
     for token in collator.processor.tokenizer(text, add_special_tokens=False)["input_ids"]:
         if token == tokens.image_pad:
@@ -76,11 +76,15 @@ def measure(collator: Collator, samples: Samples, dist=None, processes: int | No
     if processes > 1 and len(starts) > 1 and "fork" in multiprocessing.get_all_start_methods():
         global forked_with
         forked_with = collator, mine  # what the workers inherit: nothing is pickled but the counts
-        pool = ProcessPoolExecutor(min(processes, len(starts)), multiprocessing.get_context("fork"), start_worker)
+        context, parent = multiprocessing.get_context("fork"), os.getpid()
+        with signals_deferred():  # the workers start at the first submission
+            pool = ProcessPoolExecutor(min(processes, len(starts)), context, start_worker, initargs=(parent,))
+            chunks = [pool.submit(count_in_worker, start) for start in starts]
         try:
-            counts = list(pool.map(count_in_worker, starts))
+            counts = [chunk.result() for chunk in chunks]  # where Ctrl-C and SIGTERM stop the count
         finally:
-            pool.shutdown(cancel_futures=True)  # after Ctrl-C, no chunk left queued
+            with signals_deferred():
+                pool.shutdown(cancel_futures=True)  # after Ctrl-C, no chunk left queued
             forked_with = None
     else:
         counts = [count(collator, mine[start : start + CHUNK]) for start in starts]
@@ -94,7 +98,8 @@ def count(collator: Collator, chunk: Samples) -> np.ndarray:
     """measure's three numbers for each sample of the chunk, counted on the template's tokens, before the
     placeholders are expanded (an image is often a thousand tokens): each expansion only shifts what follows it."""
     tokens, loaded = collator.tokens, list(chunk)
-    texts = collator.processor.tokenizer(collator.texts([s.messages for s in loaded]), add_special_tokens=False)
+    rendered = [collator.render(s.messages, s.image_sizes) for s in loaded]  # boxes written as the collator will
+    texts = collator.processor.tokenizer(collator.texts(rendered), add_special_tokens=False)
     counted = np.zeros((len(loaded), 3), np.int32)
     videos = {}  # a plan's tokens, computed once
     for row, (sample, ids) in enumerate(zip(loaded, texts["input_ids"])):
@@ -129,8 +134,9 @@ def count_in_worker(start: int) -> np.ndarray:
     return count(collator, samples[start : start + CHUNK])
 
 
-def start_worker() -> None:
+def start_worker(parent: int) -> None:
     ignore_signals()  # Ctrl-C is the main process's to handle
+    die_with_parent(parent)  # and as it ignores SIGTERM, nothing else would end it once its parent is gone
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread each: the workers already use every core
 
 

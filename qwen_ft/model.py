@@ -1,14 +1,26 @@
 """Loading a Qwen vision-language model and processor, and choosing which of its parts train."""
 
+import json
 import socket
 import urllib.parse
+from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.errors import HFValidationError
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    AutoVideoProcessor,
+    BitsAndBytesConfig,
+    Qwen2_5_VLProcessor,
+    Qwen2VLImageProcessor,
+)
 
 from qwen_ft.families import MERGERS, Family, UnsupportedModel, family_of
 
@@ -113,7 +125,12 @@ def load_processor(
     check_available(name, processor=True)
     if not Path(name).is_dir() or (Path(name) / "config.json").is_file():  # an adapter folder may hold no config
         check_family(name, trust_remote_code)
-    processor = AutoProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
+    try:
+        processor = AutoProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except ValueError:  # transformers' "Unrecognized image processor", a 40-line traceback
+        if image_processor_type(name) != EARLY_QWEN2_5_VL:
+            raise
+        processor = early_qwen2_5_vl_processor(name)
     for sub, largest in ((processor.image_processor, max_pixels), (processor.video_processor, video_max_pixels)):
         size = dict(sub.size)
         sub.size = {
@@ -121,6 +138,39 @@ def load_processor(
             "longest_edge": largest if largest is not None else size["longest_edge"],
         }
     return processor
+
+
+# The early Qwen2.5-VL releases name their image processor so in preprocessor_config.json, a class transformers
+# never had (Qwen2.5-VL's images go through Qwen2-VL's processor), and AutoProcessor can't load them.
+EARLY_QWEN2_5_VL = "Qwen2_5_VLImageProcessor"
+
+
+def image_processor_type(name: str) -> str | None:
+    """What the model's preprocessor_config.json (if any) names as its image processor."""
+    file = "preprocessor_config.json"
+    path = Path(name) / file if Path(name).is_dir() else try_to_load_from_cache(name, file)  # fetched by AutoProcessor
+    try:
+        return json.loads(Path(path).read_text()).get("image_processor_type")
+    except (TypeError, OSError, ValueError, AttributeError):  # not there, unreadable, not JSON, not an object
+        return None
+
+
+def early_qwen2_5_vl_processor(name: str):
+    """The processor of an early Qwen2.5-VL folder, put together from its parts with the image processor it meant;
+    saved with the fine-tuned model, it is one that AutoProcessor loads."""
+    try:
+        return Qwen2_5_VLProcessor(
+            image_processor=Qwen2VLImageProcessor.from_pretrained(name),
+            tokenizer=AutoTokenizer.from_pretrained(name),
+            video_processor=AutoVideoProcessor.from_pretrained(name),
+            chat_template=Qwen2_5_VLProcessor.get_processor_dict(name)[0].get("chat_template"),
+        )
+    except Exception as e:  # what transformers raises for files it can't read varies
+        raise ModelUnavailable(
+            f"'{name}': its preprocessor_config.json names the image processor {EARLY_QWEN2_5_VL}, which transformers "
+            f"does not have, and its parts could not be loaded as Qwen2-VL's ({e}); change that name to "
+            "Qwen2VLImageProcessor"
+        ) from None
 
 
 def load_model(
@@ -163,9 +213,68 @@ def part_of(name: str) -> str:
 
 
 def set_trainable(model, frozen: dict[str, bool]) -> None:
-    """requires_grad on every parameter of each part that isn't frozen ({"vision": True, ...})."""
+    """requires_grad on every parameter of each part that isn't frozen ({"vision": True, ...}); a trained
+    weight that the input embedding and the output head share gets one gradient (one_tied_gradient)."""
     for name, param in model.named_parameters():
         param.requires_grad_(not frozen[part_of(name)])
+    one_tied_gradient(model)
+
+
+def one_tied_gradient(model) -> bool:
+    """Make a tied embedding/output-head weight that trains hold one full-size gradient, not three.
+
+    Where the two share a weight (tie_word_embeddings: Qwen2-VL-2B, Qwen2.5-VL-3B, Qwen3-VL-2B and 4B),
+    autograd holds the head's gradient of it (vocab x hidden: 0.87 GiB in fp32 for the 2B) from the start
+    of the backward pass until the embedding's, as large, arrives at its end, and sums the two into a
+    third. Here the head adds its gradient straight into weight.grad (TiedHead), and the embedding's
+    lookup gives a sparse gradient (the rows of the micro-batch's tokens), which autograd adds into it in
+    place. The embedding's gradient is the one autograd delivers, last, so hooks on the weight's
+    gradient (DDP's reduction) see the sum. Returns whether the model has such a weight.
+    """
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is None or embedding.weight is not head.weight or not head.weight.requires_grad:
+        return False
+    # The modules stay as they are (their names, weights and saving); only what their forward computes
+    # with changes. nn.Embedding's own `sparse` flag is left off: DDP would then expect a sparse .grad.
+    embedding.forward = partial(sparse_lookup, embedding)
+    head.forward = partial(tied_head, head)
+    return True
+
+
+def sparse_lookup(embedding: torch.nn.Embedding, input_ids: torch.Tensor) -> torch.Tensor:
+    e = embedding
+    return F.embedding(input_ids, e.weight, e.padding_idx, e.max_norm, e.norm_type, e.scale_grad_by_freq, sparse=True)
+
+
+def tied_head(head: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    return TiedHead.apply(hidden, head.weight)
+
+
+class TiedHead(torch.autograd.Function):
+    """hidden @ weight.T, whose backward adds weight's gradient into weight.grad itself (addmm_, in place
+    once there is one) and hands autograd none; the gradient of hidden goes back as usual."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight):
+        ctx.save_for_backward(hidden, weight)
+        return F.linear(hidden, weight)  # under autocast in its dtype, as nn.Linear would
+
+    @staticmethod
+    def backward(ctx, grad_logits):
+        hidden, weight = ctx.saved_tensors
+        # Under autocast the forward computed in grad_logits' dtype: the gradients are computed in it too,
+        # then cast to the tensors' own dtypes, as autograd does through autocast's casts.
+        compute = grad_logits.dtype
+        grad_hidden = (grad_logits @ weight.to(compute)).to(hidden.dtype)
+        rows, columns = grad_logits.reshape(-1, grad_logits.shape[-1]), hidden.reshape(-1, hidden.shape[-1])
+        columns = columns.to(compute)
+        if weight.grad is None:
+            weight.grad = (rows.T @ columns).to(weight.dtype)
+        elif compute == weight.grad.dtype:
+            weight.grad.addmm_(rows.T, columns)
+        else:
+            weight.grad.add_(rows.T @ columns)
+        return grad_hidden, None
 
 
 def cast_trainable(model, dtype: torch.dtype) -> None:

@@ -7,15 +7,20 @@ metrics.jsonl is written either way. Only rank 0 opens trackers (the caller sees
 Where each one writes, and how it goes on after --resume:
   tensorboard  OUTPUT_DIR/tensorboard; purge_step drops the events of the steps a resumed run takes again
   wandb        online (after `wandb login`), or WANDB_MODE=offline: OUTPUT_DIR/wandb, for a later `wandb sync`;
-               the run id is kept in OUTPUT_DIR/trackers.json and resumed with resume="allow"
+               the run id is kept in OUTPUT_DIR/trackers.json and resumed with resume="allow"; a resumed run
+               writes a new offline-run-* folder of the same id, which `wandb sync` uploads after the first
   swanlab      online (after `swanlab login`), or SWANLAB_MODE=offline: OUTPUT_DIR/swanlog, for a later
-               `swanlab sync`; the run id is resumed as for wandb
+               `swanlab sync`; the run id is resumed as for wandb (a new run-* folder of the same id offline)
   trackio      local: its own database ($TRACKIO_DIR, by default under the Hugging Face cache), where
                `trackio show` finds it; the run is resumed by its name, kept in trackers.json
+A resumed run takes again the steps after its checkpoint and sends them again. Online, wandb and swanlab keep
+the first records of those steps (their steps only go up); trackio, and the offline folders, keep both. The
+numbers are the same, resume being exact, but for times and throughput.
 """
 
 import json
 import os
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -101,8 +106,9 @@ class Trackio:
     def __init__(self, out_dir: Path, config: dict, first_step: int, saved: dict):
         import trackio
 
-        # trackio resumes a run by its name, so a fresh run needs a name no earlier run in the project has.
-        name = saved.get("name") or f"{out_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        # trackio resumes the latest run of a name, and runs may share one: a fresh run takes a name of its own
+        # (the folder's, when, and a random tail for runs started in the same second, as a sweep's may be).
+        name = saved.get("name") or f"{out_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
         self.run = trackio.init(
             project=PROJECT, name=name, config=config, resume="allow" if saved.get("name") else "never"
         )
@@ -112,7 +118,10 @@ class Trackio:
         self.run.log(values, step=step)
 
     def close(self) -> None:
-        self.run.finish()
+        import trackio
+
+        # Not run.finish(): that leaves it trackio's current run, which trackio finishes again at exit.
+        trackio.finish()
 
 
 OPENERS = {"tensorboard": TensorBoard, "wandb": Wandb, "swanlab": SwanLab, "trackio": Trackio}

@@ -46,7 +46,7 @@ from qwen_vl_utils.vision_process import (
 from torchvision.transforms.v2.functional import InterpolationMode, resize
 from transformers.video_utils import VideoMetadata
 
-from qwen_ft.media import MediaError, load_image
+from qwen_ft.media import MediaError, check_file, check_pixels, load_image
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 # Float noise in sums of seconds (0.3 - 0.1 = 0.19999999999999998) must not move a count or a pick;
@@ -101,11 +101,13 @@ def frame_files(video) -> list[str] | None:
 def image_size(file: str) -> tuple[int, int]:
     """(width, height) of an image as load_image returns it, from its header only."""
     try:
+        check_file(file)  # what load_image, which reads the frames, will refuse
         with Image.open(file) as image:
+            check_pixels(file, image, None)
             width, height = image.size
             quarter_turn = image.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
-    except FileNotFoundError:
-        raise VideoError(f"'{file}' not found") from None
+    except MediaError as e:
+        raise VideoError(str(e)) from None
     except Exception as e:  # PIL raises many types for corrupt files
         raise VideoError(f"'{file}' is not an image PIL can read: {e}") from None
     return (height, width) if quarter_turn else (width, height)
@@ -125,8 +127,12 @@ def video_info(video) -> VideoInfo:
         width, height = sizes[0]
         return VideoInfo(name, None, None, len(files), height, width, frame_files=files)
     path = str(video)
-    if not Path(path).is_file():
+    if not Path(path).exists():
         raise VideoError(f"'{path}' not found")
+    try:
+        check_file(path, max_bytes=None)  # a FIFO would block FFmpeg for good
+    except MediaError as e:
+        raise VideoError(str(e)) from None
     with open_video(path) as (container, stream):
         time_base = stream.time_base
         start_time = float(stream.start_time * time_base) if stream.start_time is not None else 0.0

@@ -8,6 +8,24 @@ from qwen_ft import tiny
 # datasets converts each parquet it reads into its cache, as arrow: the tests' conversions go to a temporary
 # folder rather than the user's cache. Set before anything imports datasets, which reads it once.
 os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="qwen-ft-tests-datasets-"))
+# The trackers (--report-to) and the chat page run offline and write into a temporary folder, never the home
+# folder, whatever the caller's environment says; nothing is sent anywhere (no telemetry, no error reports).
+# Set before anything imports them: trackio reads TRACKIO_DIR once.
+_offline = tempfile.mkdtemp(prefix="qwen-ft-tests-trackers-")
+os.environ.update(
+    WANDB_MODE="offline",
+    WANDB_SILENT="true",
+    WANDB_ERROR_REPORTING="false",
+    WANDB_CONFIG_DIR=f"{_offline}/wandb-config",
+    WANDB_CACHE_DIR=f"{_offline}/wandb-cache",
+    WANDB_DATA_DIR=f"{_offline}/wandb-data",
+    SWANLAB_MODE="offline",
+    SWANLAB_ROOT=f"{_offline}/swanlab",
+    TRACKIO_DIR=f"{_offline}/trackio",
+    GRADIO_ANALYTICS_ENABLED="False",
+)
+for _name in ("WANDB_API_KEY", "SWANLAB_API_KEY", "TRACKIO_SPACE_ID", "TRACKIO_SERVER_URL"):  # no way online
+    os.environ.pop(_name, None)
 
 
 @pytest.fixture(scope="session")

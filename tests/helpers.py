@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForImageTextToText
 
 import finetune
 from qwen_ft import example_data, inspect_data
@@ -115,3 +116,17 @@ def assert_same_step(step, reference, loss_tolerance: tuple[float, float], gradi
     assert len(gradients) == len(reference_gradients) > 0
     for gradient, expected in zip(gradients, reference_gradients):
         torch.testing.assert_close(gradient, expected, rtol=gradient_tolerance[0], atol=gradient_tolerance[1])
+
+
+def greedy_answer(model, tokenizer, inputs, max_new_tokens: int) -> str:
+    """The model's own greedy answer to one prompt, by transformers' generate alone: the new tokens up to
+    <|im_end|>, decoded without special tokens and stripped, as qwen_ft.generate documents its answers."""
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=im_end)
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+def transformers_model(name: str):
+    """The model as transformers loads it, in fp32 and eval mode, as qwen_ft.generate runs it on the CPU."""
+    return AutoModelForImageTextToText.from_pretrained(name, dtype=torch.float32).eval()

@@ -7,11 +7,17 @@ import time
 from pathlib import Path
 
 import pytest
-from transformers import Qwen2Config
+import torch
+from helpers import clip, picture, qa, video_qa, write_json
+from transformers import AutoProcessor, Qwen2Config
 
 import finetune
 from qwen_ft import generate, inspect_data, merge
+from qwen_ft.collate import Collator
 from qwen_ft.config import Config, build_parser, parse_config
+from qwen_ft.data import read_samples
+from qwen_ft.media_check import check_media
+from qwen_ft.model import load_processor
 from qwen_ft.tiny import FAMILIES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -169,3 +175,37 @@ def test_the_readme_documents_every_flag():
     readme = (REPO / "README.md").read_text()
     missing = [name for name in vars(Config()) if f"`--{name.replace('_', '-')}" not in readme]
     assert missing == []
+
+
+def test_an_early_qwen2_5_vl_folder_loads(tmp_path, family_model):
+    """The first Qwen2.5-VL releases' preprocessor_config.json names "Qwen2_5_VLImageProcessor", a class transformers
+    never had: AutoProcessor fails on it with a 40-line traceback. qwen-ft loads it as the Qwen2-VL image processor it
+    is, and the batches it gives are those of today's folder; saved, it is one that AutoProcessor loads."""
+    today = Path(family_model("qwen2.5-vl"))
+    early = tmp_path / "Qwen2.5-VL-early"
+    early.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(today / name, early)
+    image = json.loads((today / "processor_config.json").read_text())["image_processor"]
+    release = {"min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2}
+    preprocessor = {**release, "image_mean": image["image_mean"], "image_std": image["image_std"]}
+    preprocessor |= {"image_processor_type": "Qwen2_5_VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor"}
+    (early / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+    with pytest.raises(ValueError, match="Unrecognized image processor"):
+        AutoProcessor.from_pretrained(early)
+
+    data = write_json(
+        tmp_path / "data.json", [qa(picture(tmp_path, "a.png"), "Colour?", "red"), video_qa(clip(tmp_path))]
+    )
+    batches, processors = [], [load_processor(str(folder), 3136, 200704, 200704) for folder in (early, today)]
+    for processor in processors:
+        collator = Collator(processor, 4096)
+        samples = read_samples(data)
+        check_media(samples, factor=collator.video_factor)
+        batches.append(collator(samples))
+    assert set(batches[0]) == set(batches[1])
+    for key, value in batches[1].items():
+        if key != "bad_samples":
+            torch.testing.assert_close(batches[0][key], value, rtol=0, atol=0, msg=key)
+    processors[0].save_pretrained(tmp_path / "saved")
+    assert type(AutoProcessor.from_pretrained(tmp_path / "saved").image_processor).__name__ == "Qwen2VLImageProcessor"

@@ -18,6 +18,7 @@ CONVERSATIONS = [
     "'assistant' inside user text",
     "video",
     "image and part of a video",
+    "boxes and points",
 ]
 
 
@@ -66,6 +67,28 @@ def conversations(tmp_path):
         },
         "video": video_qa("clip.mp4"),
         "image and part of a video": image_and_video,
+        # Written as each family writes them, in the numbers of b.png as resized (grounding.py).
+        "boxes and points": {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image", "image": "b.png"},
+                        {"type": "text", "text": "What is at "},
+                        {"type": "box", "box": [10, 5, 60, 40]},
+                        {"type": "text", "text": "?"},
+                    ],
+                },
+                {
+                    "role": "assistant",
+                    "content": [
+                        {"type": "text", "text": "A square.\n"},
+                        {"type": "box", "box": [30, 20, 149, 89], "label": "square"},
+                        {"type": "point", "point": [75.5, 45], "label": "its centre"},
+                    ],
+                },
+            ]
+        },
     }
 
 
@@ -140,7 +163,7 @@ def test_worker_processes_measure_what_one_process_does(tmp_path, family_process
             super().__init__(workers, *args)
 
     monkeypatch.setattr(lengths, "ProcessPoolExecutor", Pool)
-    monkeypatch.setattr(lengths, "CHUNK", 2)  # 4 chunks of the 7 samples
+    monkeypatch.setattr(lengths, "CHUNK", 2)  # 4 chunks of the 8 samples
     monkeypatch.setattr(lengths, "MANY", 6)  # so that the default is to fork
     monkeypatch.setattr(lengths, "cores_of_this_process", lambda: 3)
     measure(collator, samples)

@@ -4,12 +4,13 @@ import http.server
 import json
 import re
 import threading
+import tracemalloc
 from pathlib import Path
 
 import pytest
 from helpers import picture, qa, run_finetune, write_json
 
-from qwen_ft.data import DataError, read_samples
+from qwen_ft.data import TOO_DEEP, DataError, read_samples
 from qwen_ft.media_check import check_media
 
 
@@ -33,8 +34,8 @@ BAD_SAMPLES = {
         "message 0 has no 'content' string or list",
     ),
     "unknown part type": (
-        {"messages": [{"role": "user", "content": [{"type": "audio"}]}, {"role": "assistant", "content": "x"}]},
-        "unknown content type 'audio'",
+        {"messages": [{"role": "user", "content": [{"type": "table"}]}, {"role": "assistant", "content": "x"}]},
+        "unknown content type 'table'",
     ),
     "special token in text": (qa(None, "hi <|im_start|>assistant", "x"), "contains the special token <|im_start|>"),
     "not a messages object": ({"conversation": []}, 'no "messages", "conversations" or "question" to read'),
@@ -150,3 +151,45 @@ def test_absolute_file_data_and_http_images(tmp_path):
 def test_an_id_names_a_sample_and_is_allowed(tmp_path):
     data = write_json(tmp_path / "data.json", [{"id": "q-17", **qa(None, "Say hi", "hi")}])
     assert read_samples(data)[0].messages[1]["content"] == [{"type": "text", "text": "hi"}]
+
+
+def nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+def test_json_nested_too_deeply_is_one_line_naming_the_file_and_line(tmp_path):
+    good_line = json.dumps(qa(None, "Say hi", "hi"))
+    deep = '{"messages": ' + nested(100_000) + "}"
+    jsonl = tmp_path / "data.jsonl"
+    jsonl.write_text(good_line + "\n" + deep + "\n")
+    with pytest.raises(DataError) as error:
+        read_samples(jsonl)
+    assert str(error.value) == f"{jsonl}: sample 1 (line 2): {TOO_DEEP}"
+    whole = tmp_path / "data.json"
+    whole.write_text("[" + good_line + ", " + deep + "]")
+    with pytest.raises(DataError) as error:
+        read_samples(whole)
+    assert str(error.value) == f"{whole}: {TOO_DEEP}"
+
+
+def test_a_sample_over_the_size_limit_is_refused_before_it_is_copied(tmp_path, monkeypatch):
+    monkeypatch.setattr("qwen_ft.data.MAX_SAMPLE_CHARS", 2**20)  # 1 MiB here; 128 MiB in a run
+    answer = "x" * 16 * 2**20  # a 16 MiB answer
+    jsonl = tmp_path / "data.jsonl"
+    jsonl.write_text(json.dumps(qa(None, "Say hi", "hi")) + "\n" + json.dumps(qa(None, "Say hi", answer)) + "\n")
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError) as error:
+            read_samples(jsonl)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(error.value) == f"{jsonl}: sample 1 (line 2): longer than 1 MiB, which no sample needs: leave it out"
+    assert peak < 4 * 2**20  # the line was never read whole, let alone parsed
+    # A JSON list is parsed whole; its sample is refused before it is copied into the samples' buffer.
+    listed = write_json(tmp_path / "data.json", [qa(None, "Say hi", "hi"), qa(None, "Say hi", answer[: 2 * 2**20])])
+    with pytest.raises(DataError) as error:
+        read_samples(listed)
+    assert str(error.value) == (
+        f"{listed}: sample 1: its texts and media references are longer than 1 MiB, which no sample needs: leave it out"
+    )

@@ -1,14 +1,16 @@
 """Hugging Face datasets on disk (parquet, arrow shards, save_to_disk) as --data, images stored inline."""
 
-import io
 import json
 
 import datasets
+import numpy as np
 import pytest
 from helpers import inspected, picture, qa, run_finetune, write_json
 from PIL import Image
 
 import finetune
+from qwen_ft.data import read_samples
+from qwen_ft.media import load_image
 
 QUESTIONS = [("a.png", "What colour is the shape?", "red"), ("b.png", "What shape is it?", "square")]
 
@@ -117,4 +119,8 @@ def test_images_as_raw_bytes_or_paths(tmp_path, tiny_model, capsys, raw):
     datasets.Dataset.from_dict(rows).to_parquet(tmp_path / "plain.parquet")
     got, _ = inspected(tiny_model, tmp_path / "plain.parquet", capsys)
     assert got == reference(tmp_path, tiny_model, capsys)
-    assert Image.open(io.BytesIO(images["a.png"])).size == (112, 112)
+    # Each sample holds its own picture, pixel for pixel.
+    samples = read_samples(str(tmp_path / "plain.parquet"))
+    for sample, (name, _, _) in zip(samples, QUESTIONS, strict=True):
+        (media,) = sample.media()
+        assert np.array_equal(np.asarray(load_image(media)), np.asarray(Image.open(tmp_path / name).convert("RGB")))

@@ -2,12 +2,13 @@
 
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import picture, qa, reference_labels, write_json
+from helpers import collate, picture, qa, reference_labels, write_json
 from test_distributed import torchrun
 from transformers import AutoModelForImageTextToText
 
@@ -15,8 +16,11 @@ import finetune
 from qwen_ft import generate
 from qwen_ft.collate import Collator
 from qwen_ft.config import parse_config
+from qwen_ft.data import read_samples
 from qwen_ft.dist import single_device
-from qwen_ft.model import load_processor
+from qwen_ft.lora import add_lora
+from qwen_ft.media_check import check_media
+from qwen_ft.model import load_model, load_processor
 
 COLOURS = ["red", "green", "blue", "yellow"]
 
@@ -78,6 +82,36 @@ def test_eval_loss_is_the_mean_cross_entropy_of_the_assistant_tokens_of_the_save
     assert evals[-1]["eval_tokens"] == tokens
     assert evals[-1]["eval_loss"] == pytest.approx(total / tokens, rel=1e-5)
     assert evals[0]["eval_loss"] > evals[-1]["eval_loss"]  # it learned the eval set, which it trains on
+
+
+def test_evaluation_runs_without_dropout_and_leaves_the_model_training(tmp_path, tiny_model):
+    """With --lora the adapters' input has dropout (0.05): an evaluation in train mode would give another loss
+    each time, and not the loss of the weights."""
+    data = eval_data(tmp_path, n=4)
+    cfg = parse_config(["--model", tiny_model, "--data", data, "--lora", "--batch-size", "2", "--num-workers", "0"])
+    assert cfg.lora_dropout > 0
+    collator = Collator(load_processor(tiny_model), max_length=4096)
+    samples = read_samples(data)
+    check_media(samples)
+    model = load_model(tiny_model, "fp32", "sdpa", torch.device("cpu"))
+    frozen = {"vision": cfg.freeze_vision, "merger": cfg.freeze_merger, "llm": cfg.freeze_llm}
+    model = add_lora(model, frozen, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.dora)
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():  # adapters as training leaves them: B = 0 would hide the dropout
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    no_autocast = partial(torch.autocast, "cpu", enabled=False)
+    model.train()
+    evaluations = []
+    for _ in range(2):
+        evaluations.append(finetune.evaluate(model, samples, collator, cfg, single_device(), no_autocast, 1, tmp_path))
+        assert model.training  # the loop goes on training after an evaluation
+    # The reference: the model in eval mode, every sample in one batch, through transformers' own loss (the mean
+    # over the batch's trained tokens).
+    model.eval()
+    with torch.no_grad():
+        reference = model(**collate(collator, samples)).loss.item()
+    assert [e["eval_loss"] for e in evaluations] == pytest.approx([reference] * 2, rel=1e-5)
 
 
 def test_eval_answers_are_those_of_qwen_ft_generate(tmp_path, tiny_model, capsys):

@@ -3,6 +3,8 @@
 import pytest
 from helpers import clip, inspected, picture, run_finetune, write_json
 
+from qwen_ft.data import DataError, read_samples
+
 # Conversations written once, neutrally: turns of (role, items), an item a text or ("image" | "video", file).
 CONVERSATIONS = [
     [("user", [("image", "a.png"), "\nWhat colour is the shape?"]), ("assistant", ["red"])],
@@ -192,3 +194,54 @@ def test_bad_samples_of_each_format_stop_before_training(tmp_path, tiny_model, p
     error = run_finetune(tiny_model, data, tmp_path / "out")
     assert error.startswith("error: ") and len(error.splitlines()) == 1
     assert f"{data}: sample 1: " in error and message in error
+
+
+def test_audio_of_other_tools_is_an_error_not_metadata_or_text(tmp_path, tiny_model):
+    """LLaMA-Factory's mllm_audio_demo.json trained (exit 0) on answers about sounds the model never heard: its
+    "audios" were read as metadata and its <audio> as text. Every sample of it is now named."""
+    demo = [
+        {"messages": [{"role": "user", "content": f"<audio>{q}"}, {"role": "assistant", "content": a}], "audios": [f]}
+        for q, a, f in [
+            ("What's that sound?", "Glass shattering.", "1.mp3"),
+            ("What can you hear?", "A cough.", "2.wav"),
+        ]
+    ]
+    data = write_json(tmp_path / "mllm_audio_demo.json", demo)
+    error = run_finetune(tiny_model, data, tmp_path / "out")
+    no_audio = "Qwen vision-language models take no audio: leave audio samples out of the data"
+    assert error.splitlines() == [f"error: {data}: sample 0: the sample has audio ('audios'): {no_audio}"] + [
+        f"{data}: sample 1: the sample has audio ('audios'): {no_audio}"
+    ]
+    user = {"role": "user", "content": "What is it?"}
+    answer = {"role": "assistant", "content": "A bird."}
+    others = {
+        "an <audio> placeholder alone": (
+            {"messages": [{"role": "user", "content": "<audio>What is it?"}, answer]},
+            f"message 0: text contains the placeholder <audio>, which stands for audio: {no_audio}",
+        ),
+        "a sharegpt conversation": (
+            {
+                "conversations": [{"from": "human", "value": "<audio>hi"}, {"from": "gpt", "value": "x"}],
+                "audios": ["a.wav"],
+            },
+            f"the sample has audio ('audios'): {no_audio}",
+        ),
+        "a question about a sound": (
+            {"question": "What is it?", "answer": "A bird.", "audio": "a.wav"},
+            f"the sample has audio ('audio'): {no_audio}",
+        ),
+        "an audio part": (
+            {"messages": [{"role": "user", "content": [{"type": "audio", "audio": "a.wav"}, "What?"]}, answer]},
+            f"message 0: an audio part: {no_audio}",
+        ),
+        "an OpenAI audio part": (
+            {"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}, answer]},
+            f"message 0: an audio part: {no_audio}",
+        ),
+    }
+    for name, (sample, message) in others.items():
+        with pytest.raises(DataError) as error:
+            read_samples(write_json(tmp_path / "other.json", [sample]))
+        assert str(error.value) == f"{tmp_path / 'other.json'}: sample 0: {message}", name
+    # An empty list (a table's empty cell) holds no audio.
+    assert len(read_samples(write_json(tmp_path / "none.json", [{"messages": [user, answer], "audios": []}]))) == 1

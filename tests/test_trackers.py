@@ -1,12 +1,24 @@
-"""--report-to: the trackers get the records of metrics.jsonl, continue their run on resume, and never stop a run."""
+"""--report-to: the trackers get the records of metrics.jsonl, continue their run on resume, and never stop a run.
+
+wandb, swanlab and trackio are tested for real where they are installed (pip install "qwen-ft[trackers]"), offline
+and in temporary folders (tests/conftest.py): a tiny run that crashes and is resumed, then what each one stored,
+read back through its own local format.
+"""
 
 import importlib.util
 import json
+import struct
 import sys
+import zlib
+from pathlib import Path
 
 import pytest
+from helpers import picture, qa, write_json
 
+import finetune
 from qwen_ft import trackers
+from qwen_ft.config import parse_config
+from qwen_ft.dist import single_device
 
 CONFIG = {"lr": 1e-4, "output_dir": None, "report_to": "tensorboard"}
 
@@ -165,60 +177,164 @@ def test_no_trackers_does_nothing(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_wandb_offline_writes_under_the_output_dir_and_resumes_its_run(tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    logger = trackers.open_trackers(["wandb"], tmp_path, CONFIG, None)
-    run = logger.opened["wandb"].run
-    lines = records(1, 6)
+@pytest.fixture(scope="module")
+def resumed_run(tiny_model, tmp_path_factory) -> tuple[Path, list[list[dict]]]:
+    """A tiny run reporting to every installed tracker, with eval records, that crashes in step 5 and resumes from
+    its checkpoint at step 3: (its output folder, the metrics.jsonl lines of each of the two runs)."""
+    installed = [name for name in ("tensorboard", "wandb", "swanlab", "trackio") if importlib.util.find_spec(name)]
+    if not installed:
+        pytest.skip('no tracker is installed (pip install "qwen-ft[tensorboard,trackers]")')
+    folder = tmp_path_factory.mktemp("trackers")
+    data = write_json(folder / "data.json", [qa(picture(folder, f"{i}.png"), "Colour?", "red") for i in range(4)])
+    out = folder / "out"
+    args = ["--model", tiny_model, "--data", data, "--eval-data", data, "--output-dir", str(out), "--num-workers", "0"]
+    args += ["--batch-size", "2", "--grad-accum", "1", "--max-steps", "6", "--save-every", "3", "--eval-every", "2"]
+    args += ["--report-to", ",".join(installed)]
+    real, calls = finetune.forward_backward, []
+
+    def crash_in_step_5(*inputs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("the machine went away")
+        return real(*inputs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(finetune, "forward_backward", crash_in_step_5)
+        with pytest.raises(RuntimeError, match="went away"):
+            finetune.train(parse_config(args), single_device())
+    first = metrics(out)
+    assert [line["step"] for line in first] == [0, 1, 2, 2, 3, 4, 4]
+    finetune.train(parse_config([*args, "--resume"]), single_device())
+    second = [line for line in metrics(out) if line["step"] > 3]
+    assert [line["step"] for line in second] == [4, 4, 5, 6, 6]
+    return out, [first, second]
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def numbers(line: dict) -> dict:
+    """What a tracker is sent of a metrics.jsonl line: its numbers but the step (no flags, no nulls)."""
+    return {k: v for k, v in line.items() if k != "step" and type(v) in (int, float)}
+
+
+def by_step(lines: list[dict], first_wins=False) -> dict[int, dict]:
+    """The numbers of each step, its training and eval lines together, as wandb and swanlab keep them. Both lines
+    have elapsed_s: wandb keeps the later value of a name at a step, swanlab (first_wins) the earlier."""
+    steps = {}
     for line in lines:
-        logger.log(line)
-    # wandb keeps a step open until a later one comes: the summary has step 5 or 6, whose eval line merged in.
-    assert run.summary["loss"] in (lines[-1]["loss"], lines[-3]["loss"]) and run.summary["eval_loss"] == 0.8
-    logger.close()
-    run_id = json.loads((tmp_path / "trackers.json").read_text())["wandb"]["id"]
-    assert run_id == run.id and list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
-
-    resumed = trackers.open_trackers(["wandb"], tmp_path, CONFIG, resume_step=4)
-    assert resumed.opened["wandb"].run.id == run_id
-    resumed.close()
-    assert len(list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))) >= 1
+        values = numbers(line)
+        step = steps.setdefault(line["step"], {})
+        step.update({k: v for k, v in values.items() if k not in step} if first_wins else values)
+    return steps
 
 
-def test_swanlab_offline_writes_under_the_output_dir_and_resumes_its_run(tmp_path, monkeypatch):
-    pytest.importorskip("swanlab")
-    monkeypatch.setenv("SWANLAB_MODE", "offline")
-    logger = trackers.open_trackers(["swanlab"], tmp_path, CONFIG, None)
-    for line in records(1, 5):
-        logger.log(line)
-    logger.close()
-    run_id = json.loads((tmp_path / "trackers.json").read_text())["swanlab"]["id"]
-    assert list((tmp_path / "swanlog").glob(f"run-*-{run_id}"))
-    resumed = trackers.open_trackers(["swanlab"], tmp_path, CONFIG, resume_step=3)
-    assert resumed.opened["swanlab"].run.id == run_id
-    resumed.close()
+def saved_state(out: Path, name: str) -> dict:
+    """What trackers.json keeps of the tracker's run (tensorboard: nothing)."""
+    if importlib.util.find_spec(name) is None:
+        extra = "tensorboard" if name == "tensorboard" else "trackers"
+        pytest.skip(f'{name} is not installed (pip install "qwen-ft[{extra}]")')
+    return json.loads((out / "trackers.json").read_text()).get(name, {})
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("trackio") is None or "trackio" in sys.modules,  # TRACKIO_DIR is read on import
-    reason="trackio is not installed, or was imported before TRACKIO_DIR could point it to a temporary folder",
-)
-def test_trackio_logs_locally_and_resumes_its_run_by_name(tmp_path, monkeypatch):
-    import sqlite3
+def wandb_records(run_file: Path):
+    """The records of a wandb run file, as wandb's protobuf Records. The file is a LevelDB-style log: a 7-byte
+    header (":W&B", magic 0xBEE1, version), then 32 KiB blocks of chunks, each a 7-byte header (CRC-32 of its
+    type and data, length, type: 1 whole, 2 first, 3 middle, 4 last) and the data. wandb (0.31) ships the
+    Record class but no longer a Python reader."""
+    from wandb.proto.wandb_internal_pb2 import Record
 
-    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))
-    logger = trackers.open_trackers(["trackio"], tmp_path / "out", CONFIG, None)
-    for line in records(1, 5):
-        logger.log(line)
-    logger.close()
-    name = json.loads((tmp_path / "out" / "trackers.json").read_text())["trackio"]["name"]
-    resumed = trackers.open_trackers(["trackio"], tmp_path / "out", CONFIG, resume_step=5)
-    for line in records(6, 7):
-        resumed.log(line)
-    resumed.close()
-    database = sqlite3.connect(tmp_path / "trackio" / f"{trackers.PROJECT}.db")
-    logged = database.execute("select run_name, step, metrics from metrics order by id").fetchall()
-    assert {run_name for run_name, _, _ in logged} == {name}  # one run, continued
-    assert [step for _, step, _ in logged] == [line["step"] for line in records(1, 7)]
-    assert [json.loads(metrics).get("loss") for _, _, metrics in logged] == [line.get("loss") for line in records(1, 7)]
+    data = run_file.read_bytes()
+    assert struct.unpack("<4sH", data[:6]) == (b":W&B", 0xBEE1), f"{run_file} is not a wandb run file"
+    position, chunks, block = 7, [], 32 * 1024
+    while position + 7 <= len(data):
+        if block - position % block < 7:  # too little room left for a chunk header: the block is padded
+            position += block - position % block
+            continue
+        checksum, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        chunk = data[position + 7 : position + 7 + length]
+        position += 7 + length
+        assert zlib.crc32(chunk, zlib.crc32(bytes([kind]))) == checksum, f"{run_file}: a damaged record"
+        chunks.append(chunk)
+        if kind in (1, 4):
+            record = Record()
+            record.ParseFromString(b"".join(chunks))
+            chunks = []
+            yield record
+
+
+def wandb_history(run_file: Path) -> tuple[list[str], dict[int, dict]]:
+    """The run ids in a wandb run file, and the numbers it logged at each step (not wandb's own, "_runtime"...)."""
+    ids, history = [], {}
+    for record in wandb_records(run_file):
+        if record.HasField("run"):
+            ids.append(record.run.run_id)
+        if record.HasField("history"):
+            items = {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in record.history.item}
+            history[record.history.step.num] = {k: v for k, v in items.items() if not k.startswith("_")}
+    return ids, history
+
+
+def swanlab_scalars(run_file: Path) -> tuple[list[tuple[str, str]], dict[int, dict]]:
+    """The (run id, resume mode) a swanlab run file starts with, and the numbers it logged at each step (not
+    swanlab's system metrics), read as `swanlab sync` reads it."""
+    from swanlab.proto.swanlab.record.v1.record_pb2 import Record
+    from swanlab.proto.swanlab.run.v1.run_pb2 import ResumeMode
+    from swanlab.sdk.internal.core_python.store import DataStoreReader
+
+    reader, starts, scalars = DataStoreReader(), [], {}
+    reader.open(run_file)
+    for data in reader:
+        record = Record()
+        record.ParseFromString(data)
+        if record.HasField("start"):
+            starts.append((record.start.id, ResumeMode.Name(record.start.resume)))
+        if record.HasField("scalar") and not record.scalar.key.startswith("__swanlab__."):
+            scalars.setdefault(record.scalar.step, {})[record.scalar.key] = record.scalar.value.number
+    reader.close()
+    return starts, scalars
+
+
+@pytest.mark.slow
+def test_tensorboard_keeps_every_record_at_its_step_the_resumed_run_replacing_the_steps_it_took_again(resumed_run):
+    out, runs = resumed_run
+    saved_state(out, "tensorboard")
+    kept = [line for line in runs[0] if line["step"] <= 3]  # up to the checkpoint; then the resumed run's
+    assert read_tensorboard(out / "tensorboard") == expected(kept + runs[1])
+
+
+@pytest.mark.slow
+def test_wandb_offline_keeps_every_record_at_its_step_and_resume_continues_the_run(resumed_run):
+    out, runs = resumed_run
+    run_id = saved_state(out, "wandb")["id"]
+    folders = sorted((out / "wandb").glob(f"offline-run-*-{run_id}"))  # named by their start: the run, its resume
+    assert len(folders) == 2 and not set((out / "wandb").glob("offline-run-*")) - set(folders)
+    for folder, lines in zip(folders, runs):
+        # Every number of every step, eval records included, and nothing else; the resumed run from the step
+        # after its checkpoint on, under the same run id.
+        assert wandb_history(folder / f"run-{run_id}.wandb") == ([run_id], by_step(lines))
+
+
+@pytest.mark.slow
+def test_swanlab_offline_keeps_every_record_at_its_step_and_resume_continues_the_run(resumed_run):
+    out, runs = resumed_run
+    run_id = saved_state(out, "swanlab")["id"]
+    folders = sorted((out / "swanlog").glob(f"run-*-{run_id}"))  # named by their start: the run, its resume
+    assert len(folders) == 2 and not set((out / "swanlog").glob("run-*")) - set(folders)
+    for folder, lines, resume in zip(folders, runs, ("RESUME_MODE_NEVER", "RESUME_MODE_ALLOW")):
+        assert swanlab_scalars(folder / f"run-{run_id}.swanlab") == ([(run_id, resume)], by_step(lines, True))
+
+
+@pytest.mark.slow
+def test_trackio_keeps_every_record_at_its_step_and_resume_continues_the_run(resumed_run):
+    out, runs = resumed_run
+    name = saved_state(out, "trackio")["name"]
+    import trackio
+    from trackio.sqlite_storage import SQLiteStorage
+
+    assert [run.name for run in trackio.Api().runs(trackers.PROJECT)].count(name) == 1  # one run, resumed
+    logged = SQLiteStorage.get_logs(trackers.PROJECT, run=name)
+    rows = [(row["step"], {k: v for k, v in row.items() if k not in ("step", "timestamp")}) for row in logged]
+    # Every record of both runs, each on its own row: trackio keeps both copies of the steps taken again.
+    assert rows == [(line["step"], numbers(line)) for lines in runs for line in lines]

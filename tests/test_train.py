@@ -1,4 +1,5 @@
 import json
+import math
 from functools import partial
 
 import pytest
@@ -92,7 +93,7 @@ def test_precision_sets_the_dtype_of_the_weights(tmp_path, tiny_model, precision
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {trained_dtype}
     assert {p.dtype for p in model.model.visual.blocks.parameters()} == {frozen_dtype}  # frozen by default
     assert all(p.grad is None for p in model.parameters())  # zeroed after the step
-    assert all(m["loss"] == m["loss"] for m in metrics(out))  # finite, not NaN
+    assert all(math.isfinite(m["loss"]) for m in metrics(out))
 
     # The output and the checkpoint are written in the trained weights' dtype, which config.json names,
     # so that dtype="auto" loads every weight exactly as it was in memory.
@@ -123,10 +124,16 @@ def test_run_writes_metrics_config_and_a_model_transformers_loads(tmp_path, fami
     tiny_model = family_model(family)
     out = tmp_path / "out"
     data = small_dataset(tmp_path)
-    train(tiny_model, data, out, "--max-steps", "7", "--batch-size", "1", "--grad-accum", "2", "--lr", "1e-3")
+    flags = ["--max-steps", "7", "--batch-size", "1", "--grad-accum", "2", "--lr", "1e-3", "--warmup-steps", "3"]
+    train(tiny_model, data, out, *flags)
 
     rows = metrics(out)
     assert [r["step"] for r in rows] == list(range(1, 8))
+    # The schedule as the README gives it: a linear warm-up whose first step already moves the weights and
+    # whose third reaches the peak, then a cosine from the peak towards 0 over the 4 steps left.
+    warm_up = [1 / 3, 2 / 3, 1]
+    cosine = [(1 + math.cos(math.pi * k / 4)) / 2 for k in range(4)]  # 1, 0.854, 0.5, 0.146
+    assert [r["lr"] for r in rows] == pytest.approx([1e-3 * f for f in warm_up + cosine], rel=1e-6)
     assert {"step", "loss", "lr", "trained_tokens", "grad_norm", "tokens_per_s"} <= set(rows[0])
     assert rows[-1]["epoch"] == pytest.approx(7 * 2 / 5)  # 14 micro-batches cycle through 5 samples
     assert all(r["trained_tokens"] > 0 for r in rows)
@@ -187,6 +194,26 @@ def test_each_part_trains_at_its_own_learning_rate(tmp_path, family_model, famil
         part = "merger" if merger_module(name) else "vision" if name.startswith("model.visual.") else "llm"
         largest_change = (param - base[name]).abs().max().item()
         assert largest_change == pytest.approx(rates[part], rel=1e-3), name
+
+
+def test_the_optimizer_steps_with_the_gradient_clipped_to_max_grad_norm(tmp_path, tiny_model, monkeypatch):
+    seen, real_make_optimizer = [], finetune.make_optimizer  # seen: the gradient norm each optimizer step is given
+
+    def gradient_norm(optimizer, args, kwargs):
+        gradients = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        seen.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in gradients])).item())
+
+    def make_optimizer(*args, **kwargs):
+        optimizer = real_make_optimizer(*args, **kwargs)
+        optimizer.register_step_pre_hook(gradient_norm)
+        return optimizer
+
+    monkeypatch.setattr(finetune, "make_optimizer", make_optimizer)
+    flags = ["--max-steps", "2", "--batch-size", "1", "--grad-accum", "1", "--precision", "fp32", "--lr", "1e-3"]
+    train(tiny_model, small_dataset(tmp_path), tmp_path / "out", *flags, "--max-grad-norm", "0.01")
+    logged = [m["grad_norm"] for m in metrics(tmp_path / "out")]
+    assert len(logged) == 2 and min(logged) > 0.1  # the norm before clipping, well above the limit
+    assert seen == pytest.approx([0.01] * 2, rel=1e-4)
 
 
 def test_trained_labels_count_matches_metrics(tmp_path, tiny_model, processor):

@@ -80,37 +80,43 @@ def clip(tmp_path_factory):
     return str(path), write_video(path, list(range(FRAMES)))
 
 
-def check_frames(path, known_times, **settings):
-    frames, sample_fps = read_video(path, **settings)
-    times = frame_times(video_info(path), **settings)
-    assert frames.dtype == torch.uint8 and frames.shape[1:] == (3, HEIGHT, WIDTH)
-    assert frames.shape[0] == len(times) and len(times) % 2 == 0
-    assert [picture_index(frame) for frame in frames] == [on_screen(known_times, t) for t in times]
-    return frames, sample_fps, times
+def middles(start: float, end: float, count: int) -> list[float]:
+    """The middle of each of count equal slices of [start, end]: where the reader is to take its frames."""
+    width = (end - start) / count
+    return [start + width / 2 + k * width for k in range(count)]
 
 
+def check_frames(path, frames: list[int], times: list[float], **settings):
+    """read_video returns the frames shown (the index painted in each) and frame_times the times worked out
+    in the test."""
+    got, sample_fps = read_video(path, **settings)
+    assert got.dtype == torch.uint8 and got.shape[1:] == (3, HEIGHT, WIDTH)
+    assert [picture_index(frame) for frame in got] == frames
+    assert frame_times(video_info(path), **settings) == pytest.approx(times, abs=1e-9)
+    return sample_fps
+
+
+# The clip shows frame i from i / 10 s to (i + 1) / 10 s, for 6 s; the frames expected are worked out by hand
+# from the middles of the slices.
 @pytest.mark.parametrize(
-    "settings, count",
+    "settings, frames",
     [
-        (dict(fps=1), 6),
-        (dict(fps=2), 12),
-        (dict(fps=5), 30),  # slice middles fall exactly on frame boundaries
-        (dict(fps=2, start=1.3, end=4.2), 4),  # 5.8 floored to even
-        (dict(fps=5, max_frames=7), 6),  # max_frames floored to even
-        (dict(fps=1, min_frames=20), 20),
-        (dict(fps=1, min_frames=9), 10),  # min_frames rounded up to even
-        (dict(fps=30), FRAMES),  # more than the video has: every frame
-        (dict(fps=5, start=0.05, end=0.25), 2),  # two frames in range: never fewer than 2
+        (dict(fps=1), [5, 15, 25, 35, 45, 55]),  # 6 slices of 1 s, middles 0.5, 1.5, ... 5.5 s
+        (dict(fps=2), list(range(2, 60, 5))),  # 12 slices of 0.5 s, middles 0.25, 0.75, ... on frames 2, 7, ...
+        (dict(fps=5), list(range(1, 60, 2))),  # 30 slices of 0.2 s: middles 0.1, 0.3, ... fall exactly on frames
+        (dict(fps=2, start=1.3, end=4.2), [16, 23, 31, 38]),  # 5.8 floored to 4 slices of 0.725 s: 1.6625, 2.3875 ...
+        (dict(fps=5, max_frames=7), [5, 15, 25, 35, 45, 55]),  # max_frames floored to 6: slices of 1 s
+        (dict(fps=1, min_frames=20), list(range(1, 60, 3))),  # 20 slices of 0.3 s, middles 0.15, 0.45, ...
+        (dict(fps=1, min_frames=9), list(range(3, 60, 6))),  # rounded up to 10 slices of 0.6 s: 0.3, 0.9, ...
+        (dict(fps=30), list(range(FRAMES))),  # more than the video has: every frame, at the middle of its 0.1 s
+        (dict(fps=5, start=0.05, end=0.25), [1, 2]),  # two frames in range, never fewer than 2: 0.1 and 0.2 s
     ],
 )
-def test_frames_are_the_ones_on_screen_at_the_chosen_times(clip, settings, count):
-    path, known_times = clip
-    frames, sample_fps, times = check_frames(path, known_times, **settings)
-    assert len(times) == count
-    span = settings.get("end", FRAMES / RATE) - settings.get("start", 0.0)
-    assert sample_fps == pytest.approx(count / span)
-    assert all(settings.get("start", 0) <= t <= settings.get("end", FRAMES / RATE) for t in times)
-    assert np.allclose(np.diff(times), 1 / sample_fps)
+def test_frames_are_the_ones_on_screen_at_the_middles_of_equal_slices(clip, settings, frames):
+    path, _ = clip
+    start, end = settings.get("start", 0.0), settings.get("end", FRAMES / RATE)
+    sample_fps = check_frames(path, frames, middles(start, end, len(frames)), **settings)
+    assert sample_fps == pytest.approx(len(frames) / (end - start))
 
 
 @pytest.mark.parametrize(
@@ -164,28 +170,34 @@ def test_video_info_reads_the_metadata(clip):
 def test_video_info_without_a_frame_count_counts_from_duration(tmp_path):
     # Matroska records no frame count.
     path = tmp_path / "clip.mkv"
-    known_times = write_video(path, list(range(20)))
+    write_video(path, list(range(20)))
     assert video_info(str(path)).num_frames == 20
-    check_frames(str(path), known_times, fps=3)
+    # 2 s at 3 fps: 6 slices of 1/3 s, whose middles 1/6, 1/2, 5/6, ... s show these frames.
+    check_frames(str(path), [1, 5, 8, 11, 15, 18], middles(0, 2, 6), fps=3)
 
 
 def test_variable_frame_rate_frames_are_picked_by_timestamp(tmp_path):
     path = tmp_path / "vfr.mp4"
     pts = np.cumsum([0] + [1, 3] * 20)[:40].tolist()  # gaps of 1 and 3 thirtieths of a second, alternately
     known_times = write_video(path, pts, time_base=Fraction(1, 30))
-    for settings in (dict(fps=2), dict(fps=7), dict(fps=4, start=0.5, end=2.0)):
-        check_frames(str(path), known_times, **settings)
-    # Picking by frame number would be off: 7 fps over a 10 fps average takes frames the index rule misses.
-    _, _, times = check_frames(str(path), known_times, fps=7)
+    # Even frames 2k at 4k/30 s, odd ones at (4k + 1)/30 s; the last (39) at 77/30 s ends the video at 2.6 s.
+    # 2 fps: 4 slices of 0.65 s, middles at 9.75/30, 29.25/30, 48.75/30 and 68.25/30 s, which fall in the
+    # frames shown from 9/30 (frame 5), 29/30 (15), 48/30 (24) and 68/30 s (34).
+    check_frames(str(path), [5, 15, 24, 34], middles(0, 2.6, 4), fps=2)
+    # 1.5 s at 4 fps from 0.5 s: middles at 18.75/30, 26.25/30, ... 56.25/30 s.
+    check_frames(str(path), [9, 13, 17, 21, 24, 28], middles(0.5, 2.0, 6), fps=4, start=0.5, end=2.0)
+    # 7 fps: 18 slices (18.2 floored to even); the frame on screen at each middle.
+    times = middles(0, 2.6, 18)
+    check_frames(str(path), [on_screen(known_times, t) for t in times], times, fps=7)
+    # Picking by frame number would be off: 7 fps over a 15 fps average takes frames the index rule misses.
     info = video_info(str(path))
     assert [on_screen(known_times, t) for t in times] != [int(t * info.fps) for t in times]
 
 
 def test_one_frame_video_gives_two(tmp_path):
     path = tmp_path / "still.mp4"
-    known_times = write_video(path, [0])
-    frames, _, _ = check_frames(str(path), known_times)
-    assert frames.shape[0] == 2
+    write_video(path, [0])  # shown for 0.1 s
+    check_frames(str(path), [0, 0], [0.025, 0.075])
 
 
 def write_pictures(folder, names):
@@ -262,13 +274,15 @@ def test_file_without_video_is_refused(tmp_path):
         read_video(str(path))
 
 
-def test_video_without_frames_is_refused(tmp_path):
-    path = tmp_path / "empty.mp4"
+# AVI keeps a video stream that holds no frame; MP4 leaves the empty stream out of the file.
+@pytest.mark.parametrize("name, problem", [("empty.avi", "has no frames"), ("empty.mp4", "has no video stream")])
+def test_video_without_frames_is_refused(tmp_path, name, problem):
+    path = tmp_path / name
     with av.open(str(path), "w") as container:
         stream = container.add_stream(CODEC, rate=RATE)
         stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
         container.start_encoding()
-    with pytest.raises(VideoError, match=re.escape(f"'{path}' ")):
+    with pytest.raises(VideoError, match=re.escape(f"'{path}' {problem}")):
         read_video(str(path))
 
 
@@ -287,7 +301,7 @@ def test_cli_prints_one_json_object(clip, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert set(summary) == {"frames", "height", "width", "sample_fps", "timestamps", "seconds"}
     assert (summary["frames"], summary["height"], summary["width"]) == (4, HEIGHT, WIDTH)
-    assert summary["timestamps"] == [round(t, 3) for t in frame_times(video_info(path), fps=1, start=1, end=5)]
+    assert summary["timestamps"] == [1.5, 2.5, 3.5, 4.5]
     assert summary["sample_fps"] == pytest.approx(1.0)
 
 
