@@ -15,6 +15,7 @@ import torch
 from helpers import picture, qa, write_json
 
 import finetune_grpo
+from qwen_ft import lock
 from qwen_ft.checkpoint import complete_checkpoints
 from qwen_ft.collate import Collator
 from qwen_ft.config import parse_config
@@ -297,7 +298,22 @@ def test_a_signal_then_resume_samples_and_trains_as_if_never_interrupted(
     resumed = run(config(tiny_model, data, tmp_path / "out", *flags, "--resume"))
     keys = ("loss", "reward", "reward_std", "completion_length", "grad_norm")
     assert [[row[k] for k in keys] for row in resumed] == [[row[k] for k in keys] for row in reference]
-    assert all(row["reward_std"] > 0 and row["loss"] != 0 for row in reference)  # the answers sampled matter
+    # The answers sampled matter: they differ in reward, and so give a gradient (not the loss: with the ratio 1
+    # and every answer cut at --max-new-tokens, it is minus the mean advantage, 0 but for rounding).
+    assert all(row["reward_std"] > 0 and row["grad_norm"] > 0 for row in reference)
+
+
+def test_a_run_into_a_folder_another_run_holds_stops_with_one_line(setup, tmp_path, tiny_model, capsys):
+    _, _, _, data = setup
+    held = lock.take(tmp_path / "out")  # as a run in progress holds it
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            finetune_grpo.main(["--model", tiny_model, "--data", data, "--output-dir", str(tmp_path / "out")])
+    finally:
+        held.release()
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith(f"error: {tmp_path / 'out'} is in use by a run: pid {os.getpid()}")
 
 
 def test_a_reward_function_that_fails_stops_the_run_with_one_line(setup, tmp_path, tiny_model, capsys):
