@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from finetune import log, micro_batches
+from qwen_ft import grounding
 from qwen_ft.batching import BatchPlan
 from qwen_ft.checked_data import checked_samples
 from qwen_ft.checkpoint import (
@@ -52,7 +53,7 @@ from qwen_ft.model import ModelUnavailable, cast_trainable, load_model, load_pro
 from qwen_ft.optim import check_optimizer, make_optimizer, make_scheduler
 from qwen_ft.packing import real_tokens
 from qwen_ft.report import write_report
-from qwen_ft.rewards import RewardError, parse_rewards, score
+from qwen_ft.rewards import RewardError, measures_boxes, parse_rewards, score
 from qwen_ft.rollout import PromptCollator, check_prompts, prompt_and_reference, sample_completions, with_completions
 from qwen_ft.run import guarded_run
 from qwen_ft.stop import PeerDied, RunStopped, StopSignal, out_of_memory
@@ -295,8 +296,8 @@ def write_rollouts(path: Path, window: list[dict], rewards, cfg: GRPOConfig, gro
                 }
                 for row in rows
             ]
-            prompt, reference = prompt_and_reference(sample)
-            question = " ".join(p["text"] for p in prompt[-1]["content"] if p["type"] == "text")
+            question = " ".join(p["text"] for p in sample.messages[-2]["content"] if p["type"] == "text")
+            reference = rollout["references"][first]
             lines.append({"sample": sample.where, "question": question, "reference": reference, "answers": answers})
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(line) + "\n" for line in lines[:groups]))
@@ -313,7 +314,7 @@ def evaluate(model, samples, collator: Collator, rewards, cfg: GRPOConfig, dist:
     weights = torch.tensor([reward.weight for reward in rewards])
     for start in range(0, len(samples), cfg.batch_size):
         chunk = list(samples[start : start + cfg.batch_size])
-        prompts, references = zip(*(prompt_and_reference(sample) for sample in chunk))
+        prompts, references = zip(*(prompt_and_reference(sample, collator) for sample in chunk))
         with autocast():
             answers = generate_answers(dist.unwrap(model), collator, list(prompts), cfg.max_new_tokens)
         scores = torch.tensor(score(rewards, answers, list(references), chunk))  # (functions, answers)
@@ -367,7 +368,9 @@ def grpo(cfg: GRPOConfig, dist: Dist, stop: StopSignal):
     eval_samples = checked_samples(cfg.eval_data, cfg, collator, dist) if cfg.eval_data else None
     if eval_samples:
         check_prompts(eval_samples)
-    rewards = parse_rewards(cfg.reward, cfg.format_regex, cfg.numeric_tolerance)
+    rewards = parse_rewards(cfg.reward, cfg.format_regex, cfg.numeric_tolerance, collator)
+    if measures_boxes(rewards) and not len(grounding.with_grounding(samples)):
+        raise ConfigError(f"--reward iou: no sample of {cfg.data} has a box in its answer to measure answers against")
 
     frozen = {"vision": cfg.freeze_vision, "merger": cfg.freeze_merger, "llm": cfg.freeze_llm}
     quantization = quantization_config(frozen) if cfg.qlora else None

@@ -7,6 +7,9 @@ file and index), and returns one float per completion:
     def short_and_right(completions: list[str], references: list[str], samples: list[Sample]) -> list[float]:
         return [float(c.strip() == r.strip()) - 0.01 * len(c) for c, r in zip(completions, references)]
 
+The reference is the answer as the model is asked to write it: boxes and points in its family's convention
+(grounding.py), as a decoded answer reads them.
+
 `--reward exact,format:0.2` is a comma list of NAME[:WEIGHT]: a built-in name (BUILT_IN), a function in
 a Python file (`path/to/rewards.py:short_and_right`) or in an importable module (`package.module:name`).
 A completion's reward is the weighted sum of its functions' rewards.
@@ -22,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from qwen_ft import grounding
 from qwen_ft.samples import Sample
 
 RewardFunction = Callable[[list[str], list[str], list[Sample]], list[float]]
@@ -77,7 +81,23 @@ def format_reward(pattern: str) -> RewardFunction:
     return matches
 
 
-BUILT_IN = ("exact", "contains", "numeric", "format")
+def iou_reward(family, resize: grounding.Resize) -> RewardFunction:
+    """The iou reward for a model of this family (families.py) whose processor resizes images by resize."""
+
+    def iou(completions: list[str], references: list[str], samples: list[Sample]) -> list[float]:
+        """The IoU of the answer's box with the reference answer's, both as pixels of the original image (with
+        several boxes in the reference, the mean over them of the best IoU of a box of the answer: grounding.scores,
+        as eval_iou). 0 when the answer has no box that reads, or the reference none."""
+        rewards = []
+        for completion, sample in zip(completions, samples):
+            target = grounding.reference(sample.messages[-1], sample.image_sizes, family, resize)
+            rewards.append(grounding.scores(completion, target).get("iou", 0.0) if target else 0.0)
+        return rewards
+
+    return iou
+
+
+BUILT_IN = ("exact", "contains", "numeric", "format", "iou")
 
 
 @dataclass(frozen=True)
@@ -88,8 +108,11 @@ class Reward:
     spec: str  # as --reward gave it, for messages
 
 
-def parse_rewards(spec: str, format_regex: str | None = None, numeric_tolerance: float = 0.01) -> list[Reward]:
-    """The reward functions of a --reward spec; RewardError naming the item that can't be had."""
+def parse_rewards(
+    spec: str, format_regex: str | None = None, numeric_tolerance: float = 0.01, collator=None
+) -> list[Reward]:
+    """The reward functions of a --reward spec; RewardError naming the item that can't be had. collator (its
+    family and resize read boxes back as pixels) is needed by iou alone."""
     rewards = []
     for item in (part.strip() for part in spec.split(",")):
         if not item:
@@ -108,8 +131,12 @@ def parse_rewards(spec: str, format_regex: str | None = None, numeric_tolerance:
                 function = format_reward(format_regex)
             except re.error as e:
                 raise RewardError(f"--format-regex {format_regex!r}: {e}") from None
+        elif target == "numeric":
+            function = numeric_reward(numeric_tolerance)
+        elif target == "iou":
+            function = iou_reward(collator.family, collator.resized)
         elif target in BUILT_IN:
-            function = numeric_reward(numeric_tolerance) if target == "numeric" else globals()[target]
+            function = globals()[target]
         elif ":" in target:
             function = load_function(target)
         else:
@@ -122,6 +149,11 @@ def parse_rewards(spec: str, format_regex: str | None = None, numeric_tolerance:
             raise RewardError(f"--reward {spec!r}: two rewards are called {name!r}")
         rewards.append(Reward(name, weight, function, item))
     return rewards
+
+
+def measures_boxes(rewards: list[Reward]) -> bool:
+    """Whether the built-in iou is among the rewards (a function of the user's may be called iou too)."""
+    return any(reward.name == "iou" and reward.function.__module__ == __name__ for reward in rewards)
 
 
 def load_function(target: str) -> RewardFunction:

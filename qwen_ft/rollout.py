@@ -7,6 +7,7 @@ that generates: a faster engine (vLLM, SGLang) replaces that function, and the l
 
 import torch
 
+from qwen_ft import grounding
 from qwen_ft.collate import Collator
 from qwen_ft.data import DataError, raise_if_any
 from qwen_ft.media import MediaError
@@ -14,10 +15,13 @@ from qwen_ft.samples import Sample, Samples
 from qwen_ft.video import VideoError
 
 
-def prompt_and_reference(sample: Sample) -> tuple[list[dict], str]:
-    """The messages before the last one, an assistant's (the prompt), and that answer's text (the reference)."""
-    answer = sample.messages[-1]
-    return sample.messages[:-1], "".join(part["text"] for part in answer["content"] if part["type"] == "text")
+def prompt_and_reference(sample: Sample, collator: Collator) -> tuple[list[dict], str]:
+    """The messages before the last one, an assistant's (the prompt), and that answer's text (the reference): its
+    boxes and points written as the collator's model writes them, read as a decoded answer reads (without
+    Qwen2-VL's grounding tokens, which decoding drops)."""
+    answer = collator.render([sample.messages[-1]], sample.image_sizes)[0]
+    text = "".join(part["text"] for part in answer["content"] if part["type"] == "text")
+    return sample.messages[:-1], grounding.as_decoded(text)
 
 
 def check_prompts(samples: Samples) -> None:
@@ -53,7 +57,7 @@ class PromptCollator:
                 bad.append(f"{sample.where}: {'video' if isinstance(e, VideoError) else 'image'} {e}")
         if not kept:
             raise DataError(f"every sample of a micro-batch failed to load, the first: {bad[0]}")
-        prompts, references = zip(*(prompt_and_reference(sample) for sample in kept))
+        prompts, references = zip(*(prompt_and_reference(sample, self.collator) for sample in kept))
         group = range(self.num_generations)
         batch = self.collator.process(
             [prompt for prompt in prompts for _ in group],

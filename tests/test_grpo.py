@@ -316,6 +316,15 @@ def test_a_run_into_a_folder_another_run_holds_stops_with_one_line(setup, tmp_pa
     assert len(error) == 1 and error[0].startswith(f"error: {tmp_path / 'out'} is in use by a run: pid {os.getpid()}")
 
 
+def test_the_iou_reward_on_data_without_boxes_stops_before_the_model_loads(setup, tmp_path, tiny_model, capsys):
+    _, _, _, data = setup
+    with pytest.raises(SystemExit) as stopped:
+        finetune_grpo.main(["--model", tiny_model, "--data", data, "--output-dir", str(tmp_path), "--reward", "iou"])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error == [f"error: --reward iou: no sample of {data} has a box in its answer to measure answers against"]
+
+
 def test_a_reward_function_that_fails_stops_the_run_with_one_line(setup, tmp_path, tiny_model, capsys):
     _, _, _, data = setup
     (tmp_path / "rewards.py").write_text("def broken(completions, references, samples):\n    return [1.0]\n")

@@ -1,6 +1,8 @@
 import pytest
 
-from qwen_ft.rewards import RewardError, parse_rewards, score
+from qwen_ft.collate import Collator
+from qwen_ft.rewards import RewardError, measures_boxes, parse_rewards, score
+from qwen_ft.rollout import prompt_and_reference
 from qwen_ft.samples import Sample
 
 
@@ -101,3 +103,28 @@ def test_a_reward_function_that_fails_stops_with_one_line_naming_it_and_the_samp
     with pytest.raises(RewardError, match=message) as error:
         score(rewards, ["a", "b", "", "d"], ["a"] * 4, samples(4))
     assert "\n" not in str(error.value)
+
+
+def test_iou_reward_is_the_iou_of_the_answers_box_with_the_references(processor):
+    """Qwen2-VL writes boxes in thousandths of the image's width and height; the image here is 200 wide and 100
+    high, so (x1,y1),(x2,y2) is [x1 / 5, y1 / 10, x2 / 5, y2 / 10] in pixels. Decoding drops its box tokens."""
+    collator = Collator(processor, max_length=4096)
+    answer = {"role": "assistant", "content": [{"type": "box", "box": [20, 10, 100, 60]}]}  # 80 x 50 pixels
+    question = {"role": "user", "content": [{"type": "image", "image": "a.png"}, {"type": "text", "text": "Where?"}]}
+    boxed = Sample(source="data.json", index=0, line=None, messages=[question, answer], image_sizes=[(100, 200)])
+    plain = Sample(source="data.json", index=1, line=None, messages=[question, {**answer, "content": "red"}])
+    completions = {
+        "(100,100),(500,600)": 1.0,  # the same box
+        "it is at (300,300),(700,800)": 40 * 30 / (2 * 80 * 50 - 40 * 30),  # [60, 30, 140, 80]: 40 x 30 shared
+        "(100,100),(300,600)": 40 * 50 / (80 * 50),  # [20, 10, 60, 60]: half of it
+        "(0,0),(50,50)": 0.0,  # [0, 0, 10, 5]: beside it
+        "at the top": 0.0,  # no box
+    }
+    rewards = parse_rewards("iou,exact", collator=collator)
+    prompt, reference = prompt_and_reference(boxed, collator)
+    assert prompt == [question] and reference == "(100,100),(500,600)"  # as the model writes it, decoded
+    iou, exact = score(rewards, list(completions), [reference] * len(completions), [boxed] * len(completions))
+    assert iou == pytest.approx(list(completions.values()), abs=1e-12)
+    assert exact == [1.0, 0.0, 0.0, 0.0, 0.0]
+    assert score(rewards[:1], ["(100,100),(500,600)"], ["red"], [plain]) == [[0.0]]  # a reference without a box
+    assert measures_boxes(rewards) and not measures_boxes(parse_rewards("exact"))
