@@ -47,6 +47,7 @@ job() {
             --work-dir "$runs"
         bench bench/train_throughput.py "${small[@]}" --mode full --work-dir "$runs" -- --optim adamw8bit
         bench bench/compare_trl_dpo.py --size tiny --steps 3 --repeats 1 --image-side 112 --work-dir "$runs"
+        bench bench/grpo_step.py --size tiny --max-new-tokens 16 --steps 3 --warmup 1 --work-dir "$runs"
     else
         # The published shapes at 2048 tokens, 1024 of them one image's (the QLoRA 7B goal: under 10 GB).
         for mode in full lora; do
@@ -75,6 +76,10 @@ job() {
         # finetune_dpo.py against TRL's DPOTrainer on the whole 2B shape, LoRA and full (bf16-mixed).
         bench bench/compare_trl_dpo.py --size 2b --llm-layers 0 --modes lora,full --steps 12 --warmup 2 \
             --batch-size 2 --work-dir "$runs"
+        # GRPO: a step's sampling (2 prompts x 8 answers of 128 tokens, KV cache) against its policy update.
+        for mode in lora full; do
+            bench bench/grpo_step.py --size 2b --mode "$mode" --work-dir "$runs"
+        done
     fi
     set +x
     echo "done"

@@ -212,8 +212,9 @@ class Collator:
             batch = pack(batch, self.rope_index)
         return batch
 
-    def add_blank_image(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The batch with a blank image after the first row's last token, masked out of attention and loss.
+    def add_blank_image(self, batch: dict[str, torch.Tensor], at: str = "end") -> dict[str, torch.Tensor]:
+        """The batch with a blank image after the first row's last token (at="start": before its first, for
+        left-padded prompts that generation continues), masked out of attention and loss.
 
         In a distributed run every rank must run the same modules in the same order: DDP reduces
         their gradients, FSDP gathers their weights just before they run. A batch without images
@@ -239,7 +240,11 @@ class Collator:
         # of that sample looks ahead at it, and the next sample's segment starts after it.
         columns["attention_mask"][0] = int(self.rope_index is not None)
         columns["mm_token_type_ids"][0] = (tokens == self.tokens.image_pad).long()  # 1: an image token
-        batch = {k: torch.cat([v, columns[k].to(v.dtype)], dim=1) if k in columns else v for k, v in batch.items()}
+
+        def join(value, column):
+            return torch.cat([value, column] if at == "end" else [column, value], dim=1)
+
+        batch = {k: join(v, columns[k].to(v.dtype)) if k in columns else v for k, v in batch.items()}
         return {**batch, "pixel_values": image["pixel_values"], "image_grid_thw": image["image_grid_thw"]}
 
     def load_video(self, part: dict) -> tuple[torch.Tensor, VideoMetadata]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as torch_dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.nn.parallel import DistributedDataParallel
 
 
@@ -67,6 +67,9 @@ class Dist:
         policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
         for unit in [*model.model.visual.blocks, *model.model.language_model.layers, model]:
             fully_shard(unit, mp_policy=policy)
+        # generate runs the vision tower before the model's forward: as a forward method of its own, it gathers
+        # the root unit's weights (patch embedding, merger, embeddings, output head) first.
+        register_fsdp_forward_method(model, "generate")
         return model.to(self.device)
 
     def unwrap(self, model):

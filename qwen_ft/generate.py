@@ -97,7 +97,7 @@ def decoding(temperature: float) -> dict:
     return {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: FSDP would gather weights into inference tensors that training can't update
 def generate_answers(
     model, collator: Collator, conversations: list[list[dict]], max_new_tokens: int, temperature=0.0, streamer=None
 ) -> list[str]:

@@ -37,6 +37,11 @@ def eval_rows(rows: list[dict]) -> list[dict]:
     return [row for row in rows if "eval_loss" in row]
 
 
+def reward_eval_rows(rows: list[dict]) -> list[dict]:
+    """The evaluations of a GRPO run (finetune_grpo.py): greedy answers scored by its reward functions."""
+    return [row for row in rows if finite(row.get("eval_reward"))]
+
+
 def run_summary(metrics_path: Path) -> str:
     """One line: steps, tokens, the share of computed positions that were padding, and what was skipped."""
     rows = training_rows(read_metrics(metrics_path)) if Path(metrics_path).is_file() else []
@@ -92,12 +97,29 @@ def summarize(rows: list[dict]) -> dict:
         "final_reward_accuracy": last.get("reward_accuracy"),
         "first_eval_reward_accuracy": evals[0].get("eval_reward_accuracy") if evals else None,
         "final_eval_reward_accuracy": evals[-1].get("eval_reward_accuracy") if evals else None,
+        **reward_summary(rows),
         "bad_steps": last.get("bad_steps", 0),
         "skipped_samples": last.get("skipped_samples", 0),
     }
     # Strict JSON has no NaN: the loss of a last step that was skipped as non-finite becomes null.
     return {
         key: None if isinstance(value, float) and not math.isfinite(value) else value for key, value in summary.items()
+    }
+
+
+def reward_summary(rows: list[dict]) -> dict:
+    """A GRPO run's rewards: the mean of its last tenth of steps, and its evaluations' first, last and best."""
+    train, evals = [row for row in training_rows(rows) if finite(row.get("reward"))], reward_eval_rows(rows)
+    if not train and not evals:
+        return {}
+    tail = train[-max(1, len(train) // 10) :]
+    best = max(evals, key=lambda row: row["eval_reward"], default=None)
+    return {
+        "final_reward": sum(row["reward"] for row in tail) / len(tail) if tail else None,
+        "first_eval_reward": evals[0]["eval_reward"] if evals else None,
+        "final_eval_reward": evals[-1]["eval_reward"] if evals else None,
+        "best_eval_reward": best["eval_reward"] if best else None,
+        "best_eval_reward_step": best["step"] if best else None,
     }
 
 
@@ -147,6 +169,27 @@ def plot(rows: list[dict], png_path: Path, title: str = "") -> dict[str, dict[st
             "train": (*points(train, "reward_accuracy"), dict(color="tab:blue", alpha=0.5, linewidth=0.8)),
             "eval": (*points(evals, "eval_reward_accuracy"), dict(color="tab:orange", marker="o")),
         }
+    if any(finite(row.get("completion_length")) for row in train):  # a GRPO run (finetune_grpo.py)
+        reward_steps, rewards = points(train, "reward")
+        panels["reward"] = {
+            "train": (reward_steps, rewards, dict(color="tab:blue", alpha=0.3, linewidth=0.8)),
+            "train, smoothed": (reward_steps, smooth(rewards), dict(color="tab:blue", linewidth=1.8)),
+            "eval (greedy)": (*points(reward_eval_rows(rows), "eval_reward"), dict(color="tab:orange", marker="o")),
+        }
+        names = sorted({key for row in train for key in row if key.startswith("reward_")} - {"reward_std"})
+        if len(names) > 1:  # one reward function: its part is the reward above
+            panels["reward parts, smoothed"] = {}
+            for name in names:
+                steps, values = points(train, name)
+                panels["reward parts, smoothed"][name[len("reward_") :]] = (steps, smooth(values), {})
+        panels["completion length"] = {
+            "mean": (*points(train, "completion_length"), dict(linewidth=1.2)),
+            "longest": (*points(train, "completion_length_max"), dict(linewidth=0.8, alpha=0.6)),
+        }
+        panels["seconds per step"] = {
+            "generation": (*points(train, "generation_s"), dict(linewidth=0.8)),
+            "training": (*points(train, "train_s"), dict(linewidth=0.8)),
+        }
 
     columns = 2
     rows_of_panels = math.ceil(len(panels) / columns)
@@ -183,6 +226,8 @@ def headline(name: str, summary: dict) -> str:
         parts.append(f"best eval loss {summary['best_eval_loss']:.4g} at step {summary['best_eval_step']}")
     if summary["best_eval_exact_match"] is not None:
         parts.append(f"best exact match {summary['best_eval_exact_match']:.1%}")
+    if summary.get("best_eval_reward") is not None:
+        parts.append(f"eval reward {summary['first_eval_reward']:.3g} -> best {summary['best_eval_reward']:.3g}")
     return ", ".join(parts)
 
 

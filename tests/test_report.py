@@ -193,3 +193,37 @@ def test_command_line(tmp_path):
         [sys.executable, "-m", "qwen_ft.report", str(tmp_path / "nothing")], cwd=REPO, capture_output=True, text=True
     )
     assert missing.returncode == 1 and "metrics.jsonl does not exist" in missing.stderr
+
+
+def grpo_run() -> list[dict]:
+    """finetune_grpo.py's lines: two reward functions, a greedy evaluation at step 0, 20 and 40."""
+    lines = [{"step": 0, "eval_reward": 0.3, "eval_reward_exact": 0.25, "eval_reward_format": 0.5}]
+    for step in range(1, STEPS + 1):
+        lines.append(
+            {
+                "step": step, "loss": 0.01 * (step % 3), "reward": 0.3 + 0.01 * step, "reward_std": 0.4,
+                "reward_exact": 0.2 + 0.01 * step, "reward_format": 0.5, "zero_std_groups": 0.25,
+                "completion_length": 4 + step % 2, "completion_length_max": 8, "clip_fraction": 0.0,
+                "generation_s": 1.0, "train_s": 2.0, "lr": 1e-4, "grad_norm": 1.0, "tokens": 600,
+                "tokens_per_s": 200.0, "peak_memory_gib": None, "bad_steps": 0, "skipped_samples": 0,
+            }
+        )  # fmt: skip
+        if step % 20 == 0:
+            lines.append({"step": step, "eval_reward": 0.3 + step / 100, "eval_reward_exact": 0.2 + step / 100})
+    return lines
+
+
+def test_a_grpo_run_reports_its_rewards_their_parts_and_the_answers_lengths(tmp_path):
+    lines = grpo_run()
+    drawn = report.plot(lines, tmp_path / "report.png", "grpo")
+    steps = STEPS
+    assert drawn["reward"] == {"train": steps, "train, smoothed": steps, "eval (greedy)": 3}
+    assert drawn["reward parts, smoothed"] == {"exact": steps, "format": steps}
+    assert drawn["completion length"] == {"mean": steps, "longest": steps}
+    assert drawn["seconds per step"] == {"generation": steps, "training": steps}
+    write_metrics(tmp_path, lines)
+    report.write_report(tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["final_reward"] == pytest.approx(sum(0.3 + 0.01 * s for s in range(37, 41)) / 4)
+    assert (summary["first_eval_reward"], summary["final_eval_reward"]) == (0.3, 0.7)
+    assert (summary["best_eval_reward"], summary["best_eval_reward_step"]) == (0.7, 40)
