@@ -34,7 +34,7 @@ from qwen_ft.collate import IGNORE_INDEX, Collator
 from qwen_ft.config import Config, option, parse_config
 from qwen_ft.data_index import files_of, index_folder, index_settings
 from qwen_ft.dist import Dist, init_distributed, single_device
-from qwen_ft.model import load_model, load_processor
+from qwen_ft.model import load_processor
 from qwen_ft.pairs import PairCollator, Pairs, check_pair_budget, checked_pairs
 from qwen_ft.run import guarded_run
 from qwen_ft.samples import Source
@@ -47,6 +47,7 @@ from qwen_ft.training import (
     compute_dtype,
     data_workers,
     eval_batches,
+    frozen_copy,
     launch,
     micro_batches,
     next_window,
@@ -213,19 +214,6 @@ def evaluate(model, reference, pairs: Pairs, collator, cfg, dist: Dist, autocast
         "eval_reward_margin": margin / len(pairs),
         "eval_pairs": len(pairs),
     }
-
-
-def frozen_copy(cfg, dist: Dist):
-    """The reference of full fine-tuning: the model as loaded, frozen, in bf16 unless --precision fp32
-    (sharded like the policy under FSDP)."""
-    reference = load_model(
-        cfg.model, cfg.precision, cfg.attn_implementation, dist.load_device, None, cfg.trust_remote_code
-    )
-    reference.requires_grad_(False)
-    reference.eval()
-    if dist.fsdp:
-        reference = dist.wrap(reference, torch.float32 if cfg.precision == "fp32" else torch.bfloat16)
-    return reference
 
 
 def precomputed_reference(reference, pairs: Pairs, collator, cfg, dist: Dist, autocast, name: str) -> torch.Tensor:

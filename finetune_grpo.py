@@ -15,49 +15,50 @@ import dataclasses
 import json
 import math
 import os
-import random
 import sys
 import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-from tqdm import tqdm
 
-from finetune import log, micro_batches
 from qwen_ft import grounding
-from qwen_ft.batching import BatchPlan
 from qwen_ft.checked_data import checked_samples
 from qwen_ft.checkpoint import (
-    check_resume_config,
-    check_space,
-    find_checkpoint,
-    load_checkpoint,
-    open_metrics,
     save_checkpoint,
-    save_final_model,
-    too_many_bad_steps,
 )
 from qwen_ft.collate import Collator
 from qwen_ft.config import Config, ConfigError, option, parse_config
-from qwen_ft.data import BadSample, DataError
 from qwen_ft.dist import Dist, init_distributed, single_device
 from qwen_ft.generate import generate_answers
-from qwen_ft.lora import add_lora, quantization_config
-from qwen_ft.model import ModelUnavailable, cast_trainable, load_model, load_processor, set_trainable, trainable_table
-from qwen_ft.optim import check_optimizer, make_optimizer, make_scheduler
+from qwen_ft.model import load_processor
 from qwen_ft.packing import real_tokens
-from qwen_ft.report import write_report
 from qwen_ft.rewards import RewardError, measures_boxes, parse_rewards, score
 from qwen_ft.rollout import PromptCollator, check_prompts, prompt_and_reference, sample_completions, with_completions
 from qwen_ft.run import guarded_run
-from qwen_ft.stop import PeerDied, RunStopped, StopSignal, out_of_memory
-from qwen_ft.trackers import open_trackers
+from qwen_ft.stop import StopSignal, out_of_memory
+from qwen_ft.training import (
+    RunLog,
+    after_step,
+    autocast_of,
+    batch_plan,
+    compute_dtype,
+    data_workers,
+    frozen_copy,
+    launch,
+    micro_batches,
+    next_window,
+    optimizer_and_schedule,
+    restore,
+    resume_point,
+    save_final,
+    seed_everything,
+    trainable_model,
+)
 
 LOSS_TYPES = ("grpo", "dr-grpo", "dapo")
 
@@ -349,15 +350,8 @@ def train(cfg: GRPOConfig, dist: Dist):
 
 def grpo(cfg: GRPOConfig, dist: Dist, stop: StopSignal):
     out = Path(cfg.output_dir)
-    check_optimizer(cfg.optim, dist.device)
-    resume_from = find_checkpoint(cfg.resume, out, dist, cfg.lora) if cfg.resume else None
-    if resume_from:
-        changes = check_resume_config(resume_from, cfg)
-        dist.print(f"resuming from {resume_from}" + (f", with changes: {'; '.join(changes)}" if changes else ""))
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    torch.backends.cuda.matmul.allow_tf32 = True
+    resume_from = resume_point(cfg, dist)  # checked before anything loads
+    seed_everything(cfg.seed)
 
     # Data: prompts and reference answers from SFT samples, checked before the model loads; the rewards too.
     processor = load_processor(cfg.model, cfg.min_pixels, cfg.max_pixels, cfg.video_max_pixels, cfg.trust_remote_code)
@@ -372,182 +366,108 @@ def grpo(cfg: GRPOConfig, dist: Dist, stop: StopSignal):
     if measures_boxes(rewards) and not len(grounding.with_grounding(samples)):
         raise ConfigError(f"--reward iou: no sample of {cfg.data} has a box in its answer to measure answers against")
 
-    frozen = {"vision": cfg.freeze_vision, "merger": cfg.freeze_merger, "llm": cfg.freeze_llm}
-    quantization = quantization_config(frozen) if cfg.qlora else None
-    model = load_model(
-        cfg.model, cfg.precision, cfg.attn_implementation, dist.load_device, quantization, cfg.trust_remote_code
-    )
-    reference = None
-    if cfg.beta and not cfg.lora:  # a frozen copy of the model as loaded; LoRA switches its adapters off instead
-        reference = load_model(
-            cfg.model,
-            "fp32" if cfg.precision == "fp32" else "bf16",
-            cfg.attn_implementation,
-            dist.load_device,
-            None,
-            cfg.trust_remote_code,
-        )
-        reference.requires_grad_(False).eval()
-        if dist.fsdp:
-            reference = dist.wrap(reference)
-    if cfg.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.lora:
-        model = add_lora(model, frozen, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.dora)
-    else:
-        set_trainable(model, frozen)
-    if cfg.precision == "bf16-mixed":
-        cast_trainable(model, torch.float32)
-    dist.print(trainable_table(model))
-    model = dist.wrap(model, torch.float32 if cfg.precision == "fp32" else torch.bfloat16)
+    # Model: finetune.py's, with its freezing or LoRA and precision. The reference, for the KL term alone: with
+    # LoRA the model itself, adapters off; else a frozen copy.
+    model = trainable_model(cfg, dist)
+    reference = frozen_copy(cfg, dist) if cfg.beta and not cfg.lora else None
+    model = dist.wrap(model, compute_dtype(cfg))  # DDP or FSDP in a distributed run; as it is in one process
     trainable = [p for p in model.parameters() if p.requires_grad]
 
-    part_lr = {"vision": cfg.vision_lr, "merger": cfg.merger_lr}
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, dist.device, part_lr, cfg.optim)
-    plan = BatchPlan(
-        tuple(samples.lengths.tolist()), cfg.batch_size, None, False, cfg.shuffle, cfg.seed, dist.rank, dist.world_size
-    )
-    batches_per_epoch = len(plan.epoch(0))
-    total_steps = cfg.max_steps or math.ceil(plan.micro_batches_in(cfg.epochs) / cfg.grad_accum) * cfg.num_iterations
-    scheduler = make_scheduler(optimizer, cfg.warmup_steps, total_steps)
+    # Optimizer and schedule: each batch of rollouts serves --num-iterations optimizer steps.
+    plan = batch_plan(samples.lengths.tolist(), cfg, dist)
+    optimizer, scheduler, total_steps = optimizer_and_schedule(model, plan, cfg, dist, cfg.num_iterations)
 
-    start_step, counters = 0, {"bad_steps": 0, "skipped_samples": 0, "elapsed_s": 0.0}
-    if resume_from:
-        state = load_checkpoint(resume_from, model, optimizer, scheduler, dist)
-        start_step, counters = state["step"], {name: state.get(name, 0) for name in counters}
-    # Checkpoints fall between batches of rollouts, so the data position is the rollouts taken times grad_accum.
+    # Resume. Checkpoints fall between batches of rollouts, so the data position is the rollouts taken times
+    # grad_accum. Each prompt of a micro-batch becomes --num-generations rows.
+    start_step, counters, best = restore(resume_from, model, optimizer, scheduler, cfg, dist)
     prompt_collator = PromptCollator(collator, cfg.num_generations)
     prompts = micro_batches(
         samples, plan, prompt_collator, cfg, start=start_step // cfg.num_iterations * cfg.grad_accum
     )
 
-    out.mkdir(parents=True, exist_ok=True)
-    check_space(out, model, dist, cfg)  # a warning now if the disk can't hold the checkpoints and the model
-    if dist.is_main:
-        cfg.save(out / "train_config.json")
-    metrics = open_metrics(out / "metrics.jsonl", start_step if resume_from else None) if dist.is_main else None
-    trackers = open_trackers(
-        cfg.trackers() if dist.is_main else [], out, dataclasses.asdict(cfg), start_step if resume_from else None
-    )
-    autocast = partial(torch.autocast, dist.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16-mixed")
-    progress = tqdm(total=total_steps, initial=start_step, disable=not dist.is_main, desc="grpo", dynamic_ncols=True)
-    bad_in_a_row = 0
-    save = partial(save_checkpoint, out, model=model, optimizer=optimizer, scheduler=scheduler, dist=dist, cfg=cfg,
-                   counters=counters, processor=processor)  # fmt: skip
-    run_began, elapsed_before = time.perf_counter(), counters["elapsed_s"]
+    # Loop: `step` counts optimizer steps; new rollouts every --num-iterations of them.
+    autocast = autocast_of(cfg, dist)
+    checkpoint = partial(save_checkpoint, out, model=model, optimizer=optimizer, scheduler=scheduler, dist=dist,
+                         cfg=cfg, counters=counters, processor=processor)  # fmt: skip
 
-    def elapsed() -> float:
-        return round(elapsed_before + time.perf_counter() - run_began, 1)
+    def save(step: int, best: dict) -> Path:  # a checkpoint, and what the model answered just before it
+        if dist.is_main and not cfg.log_rollouts:
+            write_rollouts(out / "rollouts" / f"step-{step:08d}.jsonl", window, rewards, cfg)
+        return checkpoint(step, best=best)
 
-    step = start_step
-    try:
-        if eval_samples and not resume_from:
-            record = evaluate(model, eval_samples, collator, rewards, cfg, dist, autocast, 0, out)
-            if dist.is_main:
-                log({**record, "elapsed_s": elapsed()}, metrics, trackers)
-        model.train()
-        # From here on SIGTERM or SIGINT lets the rollouts' last iteration finish, saves a checkpoint and returns;
-        # a second one stops at once.
-        stop.begin("stopping after this step, with a checkpoint" if cfg.num_iterations == 1 else
-                   "stopping after the last step on these rollouts, with a checkpoint")  # fmt: skip
-        for step in range(start_step + 1, total_steps + 1):
-            generation_s = 0.0
-            if (step - 1) % cfg.num_iterations == 0:  # new rollouts; the next num_iterations - 1 steps reuse them
-                window = [next(prompts) for _ in range(cfg.grad_accum)]
-                bad_samples = [problem for batch in window for problem in batch.pop("bad_samples")]
-                if bad_samples and not cfg.skip_bad_samples:
-                    raise BadSample(f"{bad_samples[0]} (--skip-bad-samples skips such samples)")
-                generation_s = rollouts(model, reference, window, collator, rewards, cfg, dist, autocast, step)
-                scored = rollout_metrics(window, rewards, cfg, dist)
-            train_began = time.perf_counter()
-            lr = optimizer.param_groups[0]["lr"]
-            objective = policy_backward(model, window, cfg, dist, autocast)
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or math.inf)
-            finite = torch.isfinite(grad_norm).item()
-            if finite:
-                optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+    evaluation = partial(evaluate, model, eval_samples, collator, rewards, cfg, dist, autocast, out=out)
+    epoch_batches, step = len(plan.epoch(0)), start_step
+    with RunLog(cfg, dist, model, total_steps, start_step, bool(resume_from), counters, "grpo") as run, \
+            data_workers(prompts):  # fmt: skip
+        try:
+            if eval_samples and not resume_from:  # the baseline: step 0 is the model as loaded
+                run.log(evaluation(0))
+            model.train()
+            # From here on SIGTERM or SIGINT lets the rollouts' last iteration finish, saves a checkpoint and
+            # returns; a second one stops at once.
+            stop.begin("stopping after this step, with a checkpoint" if cfg.num_iterations == 1 else
+                       "stopping after the last step on these rollouts, with a checkpoint")  # fmt: skip
+            for step in range(start_step + 1, total_steps + 1):
+                generation_s = 0.0
+                if (step - 1) % cfg.num_iterations == 0:  # new rollouts; the next num_iterations - 1 steps reuse them
+                    window, _ = next_window(prompts, cfg)
+                    generation_s = rollouts(model, reference, window, collator, rewards, cfg, dist, autocast, step)
+                    scored = rollout_metrics(window, rewards, cfg, dist)
+                train_began = time.perf_counter()
+                lr = optimizer.param_groups[0]["lr"]
+                objective = policy_backward(model, window, cfg, dist, autocast)
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or math.inf)
+                finite = torch.isfinite(grad_norm).item()  # not finite (on every rank alike): no update
+                if finite:
+                    optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
 
-            bad_in_a_row = 0 if finite else bad_in_a_row + 1
-            counters["bad_steps"] += not finite
-            counters["elapsed_s"] = elapsed()
-            generated = sum(r["mask"].sum().item() for r in window) if generation_s else 0  # this rank's
-            train_s = time.perf_counter() - train_began
-            record = {
-                "step": step,
-                "epoch": round(math.ceil(step / cfg.num_iterations) * cfg.grad_accum / batches_per_epoch, 4),
-                "loss": objective["loss"],
-                **scored,
-                "clip_fraction": objective["clip_fraction"],
-                **({"kl": objective["kl"]} if cfg.beta else {}),
-                "generation_s": round(generation_s, 3),
-                "train_s": round(train_s, 3),
-                "generation_tokens_per_s": round(generated / generation_s, 1) if generation_s else None,
-                "tokens_per_s": round(scored["tokens"] / (generation_s + train_s), 1),
-                "lr": lr,
-                "grad_norm": grad_norm.item(),
-                "peak_memory_gib": dist.peak_memory_gib(),
-                "skipped_step": not finite,
-                **counters,
-            }
-            if dist.is_main:
-                log(record, metrics, trackers)
-                progress.set_postfix(reward=f"{record['reward']:.3f}", loss=f"{record['loss']:.4f}")
-                progress.update()
-            if bad_in_a_row >= cfg.max_bad_steps:
-                raise too_many_bad_steps(bad_in_a_row, step, model, dist, out)
-            if dist.is_main and (cfg.log_rollouts and step % cfg.log_rollouts == 0):
-                write_rollouts(out / "rollouts" / f"step-{step:08d}.jsonl", window, rewards, cfg)
-            if eval_samples and (step == total_steps or (cfg.eval_every and step % cfg.eval_every == 0)):
-                record = evaluate(model, eval_samples, collator, rewards, cfg, dist, autocast, step, out)
-                if dist.is_main:
-                    log({**record, "elapsed_s": elapsed()}, metrics, trackers)
-            # A checkpoint falls between batches of rollouts: a signal waits for the rollouts' last iteration.
-            # (A signal during the evaluation counts too.)
-            stopping = stop.requested(dist) and step % cfg.num_iterations == 0
-            folder = None
-            if stopping or (cfg.save_every and step % cfg.save_every == 0):
-                folder = save(step)
-                if dist.is_main and not cfg.log_rollouts:
+                run.counters["bad_steps"] += not finite
+                run.counters["elapsed_s"] = run.elapsed()
+                generated = sum(r["mask"].sum().item() for r in window) if generation_s else 0  # this rank's
+                train_s = time.perf_counter() - train_began
+                record = {
+                    "step": step,
+                    "epoch": round(math.ceil(step / cfg.num_iterations) * cfg.grad_accum / epoch_batches, 4),
+                    "loss": objective["loss"],
+                    **scored,
+                    "clip_fraction": objective["clip_fraction"],
+                    **({"kl": objective["kl"]} if cfg.beta else {}),
+                    "generation_s": round(generation_s, 3),
+                    "train_s": round(train_s, 3),
+                    "generation_tokens_per_s": round(generated / generation_s, 1) if generation_s else None,
+                    "tokens_per_s": round(scored["tokens"] / (generation_s + train_s), 1),
+                    "lr": lr,
+                    "grad_norm": grad_norm.item(),
+                    "peak_memory_gib": dist.peak_memory_gib(),
+                    "skipped_step": not finite,
+                    **run.counters,
+                }
+                run.log(record, reward=f"{record['reward']:.3f}", loss=f"{record['loss']:.4f}")
+                if dist.is_main and cfg.log_rollouts and step % cfg.log_rollouts == 0:
                     write_rollouts(out / "rollouts" / f"step-{step:08d}.jsonl", window, rewards, cfg)
-            if stopping:
-                dist.print(f"stopped after step {step}, saved {folder}; run the same command with --resume to go on")
-                return model
-    except torch.OutOfMemoryError:
-        raise out_of_memory(step) from None
-    finally:
-        progress.close()
-        if metrics:
-            metrics.close()
-        trackers.close()
-        del prompts
+                # A checkpoint falls between batches of rollouts: a signal waits for the rollouts' last iteration.
+                boundary = step % cfg.num_iterations == 0
+                best, stopping = after_step(step, finite, model, evaluation, best, save, stop, run, cfg, dist, boundary)
+                if stopping:
+                    return model
+        except torch.OutOfMemoryError:
+            raise out_of_memory(step) from None
 
-    # Save: as finetune.py does (a transformers checkpoint, or a peft adapter), written beside, then moved in.
-    stop.begin("stopping once the model is saved")
-    save_final_model(out, step, model, processor, dist, stop, cfg.full_disk_wait)
-    if dist.is_main:
-        dist.print(f"saved the fine-tuned model to {out}")
-        write_report(out)  # report.png and summary.json; a failure is a warning, never the run's end
+    save_final(out, step, model, processor, stop, cfg, best, dist)
     return model
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(argv, description=__doc__.splitlines()[0], config=GRPOConfig)
-    distributed = "RANK" in os.environ  # started by torchrun
+    distributed = "RANK" in os.environ  # started by torchrun: one process per GPU (or CPU process)
+    if cfg.fsdp and not distributed:
+        sys.exit("error: --fsdp shards the model over several processes: run finetune_grpo.py with torchrun")
     dist = init_distributed(fsdp=cfg.fsdp) if distributed else single_device()
     try:
-        train(cfg, dist)
-    except (DataError, ModelUnavailable, ConfigError, RunStopped, RewardError) as e:
-        # As finetune_distributed.py: one message for what every rank meets; a bad sample, a reward function's
-        # failure (on one rank's answers) and a peer's death are said by each rank that meets them.
-        if dist.is_main or isinstance(e, (BadSample, RewardError, PeerDied)):
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    except KeyboardInterrupt as e:  # a second signal, or one before training began: one line, no traceback
-        if dist.is_main:
-            print(f"\n{e or 'interrupted'}", file=sys.stderr, flush=True)
-        sys.exit(getattr(e, "exit_code", 130))
+        # A reward function's failure is met on one rank's answers: that rank says it.
+        launch(train, cfg, dist, distributed, own_errors=(RewardError,))
     finally:
         if distributed:
             torch_dist.destroy_process_group()

@@ -48,9 +48,12 @@ def run_summary(metrics_path: Path) -> str:
     if not rows:
         return "no training steps were taken"
     tokens = sum(row["tokens"] for row in rows)
-    padded = sum(row.get("padded_tokens", 0) for row in rows)  # absent from lines written before it was logged
+    # Absent from lines written before it was logged, and from GRPO's, whose rows are rollouts.
+    padded = sum(row.get("padded_tokens", 0) for row in rows)
+    logged = any("padded_tokens" in row for row in rows)
+    padding = f"padding {padded / (tokens + padded):.1%} of the positions computed, " if logged else ""
     return (
-        f"{len(rows)} steps, {tokens:,} tokens, padding {padded / (tokens + padded):.1%} of the positions computed, "
+        f"{len(rows)} steps, {tokens:,} tokens, {padding}"
         f"{rows[-1]['bad_steps']} non-finite steps skipped, {rows[-1]['skipped_samples']} bad samples skipped"
     )
 

@@ -92,6 +92,19 @@ def trainable_model(cfg, dist: Dist):
     return model
 
 
+def frozen_copy(cfg, dist: Dist):
+    """A reference model (DPO's in full fine-tuning, GRPO's KL term): the model as loaded, frozen, in bf16 unless
+    --precision fp32 (sharded like the policy under FSDP)."""
+    reference = load_model(
+        cfg.model, cfg.precision, cfg.attn_implementation, dist.load_device, None, cfg.trust_remote_code
+    )
+    reference.requires_grad_(False)
+    reference.eval()
+    if dist.fsdp:
+        reference = dist.wrap(reference, compute_dtype(cfg))
+    return reference
+
+
 def compute_dtype(cfg) -> torch.dtype:
     """What DDP and FSDP compute in."""
     return torch.float32 if cfg.precision == "fp32" else torch.bfloat16
@@ -110,12 +123,13 @@ def batch_plan(lengths, cfg, dist: Dist) -> BatchPlan:
     )
 
 
-def optimizer_and_schedule(model, plan: BatchPlan, cfg, dist: Dist):
+def optimizer_and_schedule(model, plan: BatchPlan, cfg, dist: Dist, steps_per_window: int = 1):
     """AdamW (--optim: 32- or 8-bit states; each part at its own lr) and its warm-up and cosine schedule over the
-    run's optimizer steps; returns them and that number of steps."""
+    run's optimizer steps (steps_per_window of them for each --grad-accum micro-batches: GRPO's --num-iterations);
+    returns them and that number of steps."""
     part_lr = {"vision": cfg.vision_lr, "merger": cfg.merger_lr}
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, dist.device, part_lr, cfg.optim)
-    total_steps = cfg.max_steps or math.ceil(plan.micro_batches_in(cfg.epochs) / cfg.grad_accum)
+    total_steps = cfg.max_steps or math.ceil(plan.micro_batches_in(cfg.epochs) / cfg.grad_accum) * steps_per_window
     return optimizer, make_scheduler(optimizer, cfg.warmup_steps, total_steps), total_steps
 
 
@@ -262,12 +276,14 @@ def step_numbers(step: int, window: list[dict], bad_samples: list[str], finite: 
     }
 
 
-def after_step(step: int, finite: bool, model, evaluation, best: dict, save, stop, run: "RunLog", cfg, dist: Dist):
+def after_step(step: int, finite: bool, model, evaluation, best: dict, save, stop, run: "RunLog", cfg, dist: Dist,
+               can_stop: bool = True):  # fmt: skip
     """What may follow a step, in this order: the run stops if --max-bad-steps steps in a row were not finite;
     after the last step and every --eval-every steps, evaluation(step) is logged; with --save-best a checkpoint
     is written if its eval loss is the lowest so far (which becomes the best); else one every --save-every steps,
-    and one when a signal asks the run to stop (every rank sees it at the same step), which then says how to go
-    on. Returns the best checkpoint so far ({"step", "eval_loss"}) and whether to stop."""
+    and one when a signal asks the run to stop (every rank sees it at the same step; with can_stop false, on a
+    step a checkpoint can't follow, it waits for a later one), which then says how to go on. Returns the best
+    checkpoint so far ({"step", "eval_loss"}) and whether to stop."""
     run.bad_in_a_row = 0 if finite else run.bad_in_a_row + 1
     if run.bad_in_a_row >= cfg.max_bad_steps:
         raise too_many_bad_steps(run.bad_in_a_row, step, model, dist, Path(cfg.output_dir))
@@ -278,7 +294,7 @@ def after_step(step: int, finite: bool, model, evaluation, best: dict, save, sto
         if cfg.save_best and record["eval_loss"] < best["eval_loss"]:
             best = {"step": step, "eval_loss": record["eval_loss"]}
             folder = save(step, best=best)
-    stopping = stop.requested(dist)  # a signal during the evaluation counts too
+    stopping = stop.requested(dist) and can_stop  # a signal during the evaluation counts too
     if not folder and (stopping or (cfg.save_every and step % cfg.save_every == 0)):
         folder = save(step, best=best)
     if stopping:
@@ -312,17 +328,17 @@ def save_final(out: Path, step: int, model, processor, stop, cfg, best: dict, di
     write_report(out)  # report.png and summary.json; a failure is a warning, never the run's end
 
 
-def launch(train, cfg, dist: Dist, distributed: bool) -> None:
+def launch(train, cfg, dist: Dist, distributed: bool, own_errors: tuple = ()) -> None:
     """A loop's main(): train(cfg, dist), and an error that ends the run said in one line, without a traceback.
     Under torchrun every rank meets the same bad input and the same stop, so rank 0 alone says it; but a sample
     that fails to load while training fails on one rank only, and a peer's death is seen by every rank left
-    (rank 0 may be the one that died): each says so."""
+    (rank 0 may be the one that died): each says so, as each rank says the loop's own_errors it meets."""
     try:
         train(cfg, dist)
-    except (DataError, ModelUnavailable, ConfigError, RunStopped) as e:
+    except (DataError, ModelUnavailable, ConfigError, RunStopped, *own_errors) as e:
         if not distributed:
             sys.exit(f"error: {e}")
-        if dist.is_main or isinstance(e, (BadSample, PeerDied)):
+        if dist.is_main or isinstance(e, (BadSample, PeerDied, *own_errors)):
             print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     except KeyboardInterrupt as e:  # a second signal, or one before training began: one line, no traceback

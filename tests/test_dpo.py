@@ -160,7 +160,7 @@ BAD_PAIRS = {
         },
         "differ before their last message",
     ),
-    "a bad message in one side": ({**own(), "rejected": [{"type": "audio"}]}, "rejected: message 1: unknown content"),
+    "a bad message in one side": ({**own(), "rejected": [{"type": "table"}]}, "rejected: message 1: unknown content"),
     "no prompt": ({"chosen": "a", "rejected": "b"}, "to read the pair's prompt from"),
 }
 

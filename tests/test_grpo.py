@@ -311,18 +311,18 @@ def test_a_run_into_a_folder_another_run_holds_stops_with_one_line(setup, tmp_pa
             finetune_grpo.main(["--model", tiny_model, "--data", data, "--output-dir", str(tmp_path / "out")])
     finally:
         held.release()
-    assert stopped.value.code == 2
-    error = capsys.readouterr().err.strip().splitlines()
-    assert len(error) == 1 and error[0].startswith(f"error: {tmp_path / 'out'} is in use by a run: pid {os.getpid()}")
+    error = str(stopped.value.code)  # one process: main() exits with the line, as finetune.py's does
+    assert "\n" not in error and error.startswith(f"error: {tmp_path / 'out'} is in use by a run: pid {os.getpid()}")
 
 
 def test_the_iou_reward_on_data_without_boxes_stops_before_the_model_loads(setup, tmp_path, tiny_model, capsys):
     _, _, _, data = setup
     with pytest.raises(SystemExit) as stopped:
         finetune_grpo.main(["--model", tiny_model, "--data", data, "--output-dir", str(tmp_path), "--reward", "iou"])
-    assert stopped.value.code == 2
-    error = capsys.readouterr().err.strip().splitlines()
-    assert error == [f"error: --reward iou: no sample of {data} has a box in its answer to measure answers against"]
+    assert (
+        stopped.value.code
+        == f"error: --reward iou: no sample of {data} has a box in its answer to measure answers against"
+    )
 
 
 def test_a_reward_function_that_fails_stops_the_run_with_one_line(setup, tmp_path, tiny_model, capsys):
@@ -350,9 +350,8 @@ def test_a_reward_function_that_fails_stops_the_run_with_one_line(setup, tmp_pat
     ]
     with pytest.raises(SystemExit) as stopped:
         finetune_grpo.main(cfg)
-    assert stopped.value.code == 2
-    error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert (
+    error = str(stopped.value.code)
+    assert "\n" not in error and (
         error.startswith("error: reward function ")
         and "rewards.py:broken returned 1 rewards for 4 completions" in error
     )
