@@ -280,13 +280,14 @@ def read_samples(
                 fits = (data_format,) if data_format else formats_of(next(iter(samples.values())))
                 agreed = agree(agreed, fits)
                 unread |= {k for sample in samples.values() for k in sample if k not in CONTENT_KEYS and k != "id"}
-                checked = []
+                sides = []
                 for name, sample in samples.items():
                     try:
                         sample = to_messages(sample, fits[0])
-                        checked.append(check_sample(sample, resolve_ref, special_tokens, require_answer))
+                        sides.append(check_sample(sample, resolve_ref, special_tokens, require_answer))
                     except ValueError as e:
                         raise ValueError(f"{name}: {e}" if name else str(e)) from None
+                checked = sides
             except ValueError as e:
                 errors.append(f"{where(path, index, line)}: {e}")
             except RecursionError:  # a value json could read, nested too deeply to be printed or copied

@@ -158,9 +158,9 @@ def test_worker_processes_measure_what_one_process_does(tmp_path, family_process
     pools = []
 
     class Pool(lengths.ProcessPoolExecutor):
-        def __init__(self, workers, *args):
+        def __init__(self, workers, *args, **kwargs):
             pools.append(workers)
-            super().__init__(workers, *args)
+            super().__init__(workers, *args, **kwargs)
 
     monkeypatch.setattr(lengths, "ProcessPoolExecutor", Pool)
     monkeypatch.setattr(lengths, "CHUNK", 2)  # 4 chunks of the 8 samples

@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from test_checkpoint import dataset, flags, kill_tree, launch, rows, wait_for_steps
 
 import finetune
-from qwen_ft import checkpoint, lengths, lock
+from qwen_ft import checkpoint, lengths, lock, training
 from qwen_ft.checkpoint import complete_checkpoints, find_checkpoint, save_checkpoint
 from qwen_ft.collate import Collator
 from qwen_ft.config import ConfigError, parse_config
@@ -311,7 +311,7 @@ def send_during(monkeypatch, module, name: str, signals, nth: int = 1, also_to_w
 
 def test_a_signal_before_training_stops_at_once(tmp_path, tiny_model, monkeypatch):
     data = dataset(tmp_path)
-    send_during(monkeypatch, finetune, "load_model", [signal.SIGTERM])
+    send_during(monkeypatch, training, "load_model", [signal.SIGTERM])
     code = main_exits(flags(tiny_model, data, tmp_path / "out"))
     assert code == 128 + signal.SIGTERM
     assert not (tmp_path / "out" / "metrics.jsonl").exists()

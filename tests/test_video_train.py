@@ -206,7 +206,7 @@ def test_inspect_and_generate_handle_video(tmp_path, family_model, family, capsy
     inspect_data.main(["--model", tiny_model, "--data", data, "--json"])
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["video_tokens"] for r in rows] == [0, 32, 32, 0]
-    video, prompt = str(tmp_path / "clip.mp4"), "Which way does the shape move?"
+    video, prompt = str(tmp_path / "clip.mp4"), "What happens in the video?"
     generate.main(["--model", tiny_model, "--video", video, "--prompt", prompt, "--max-new-tokens", "3"])
     printed = capsys.readouterr().out
     # The model's own greedy generate on the question, its frames read at the default 2 fps.
