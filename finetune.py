@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from qwen_ft.batching import check_token_budget
-from qwen_ft.checked_data import checked_samples
 from qwen_ft.checkpoint import save_checkpoint
 from qwen_ft.collate import IGNORE_INDEX, Collator
 from qwen_ft.config import Config, parse_config
+from qwen_ft.data.batching import check_token_budget
+from qwen_ft.data.checked import checked_samples
 from qwen_ft.dist import Dist, single_device
 from qwen_ft.generate import answer_samples
 from qwen_ft.model import load_processor

@@ -32,12 +32,12 @@ from tqdm import tqdm
 from qwen_ft.checkpoint import save_checkpoint
 from qwen_ft.collate import IGNORE_INDEX, Collator
 from qwen_ft.config import Config, option, parse_config
-from qwen_ft.data_index import files_of, index_folder, index_settings
+from qwen_ft.data.index import files_of, index_folder, index_settings
+from qwen_ft.data.pairs import PairCollator, Pairs, check_pair_budget, checked_pairs
+from qwen_ft.data.samples import Source
 from qwen_ft.dist import Dist, init_distributed, single_device
 from qwen_ft.model import load_processor
-from qwen_ft.pairs import PairCollator, Pairs, check_pair_budget, checked_pairs
 from qwen_ft.run import guarded_run
-from qwen_ft.samples import Source
 from qwen_ft.stop import StopSignal, out_of_memory
 from qwen_ft.training import (
     RunLog,

@@ -27,12 +27,12 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from qwen_ft import grounding
-from qwen_ft.checked_data import checked_samples
 from qwen_ft.checkpoint import (
     save_checkpoint,
 )
 from qwen_ft.collate import Collator
 from qwen_ft.config import Config, ConfigError, option, parse_config
+from qwen_ft.data.checked import checked_samples
 from qwen_ft.dist import Dist, init_distributed, single_device
 from qwen_ft.generate import generate_answers
 from qwen_ft.model import load_processor

@@ -178,9 +178,9 @@ def add_lengths(spec: dict) -> list[int]:
     """Each sample's tokens as finetune.py measures them before training (equal to TRL's, which
     check_same_batches confirms), written into TRL's data as the `length` column its length grouping reads."""
     from qwen_ft.collate import Collator
-    from qwen_ft.data import read_samples
-    from qwen_ft.lengths import measure
-    from qwen_ft.media_check import check_media
+    from qwen_ft.data.lengths import measure
+    from qwen_ft.data.media_check import check_media
+    from qwen_ft.data.read import read_samples
     from qwen_ft.model import load_processor
 
     collator = Collator(load_processor(spec["model"], spec["min_pixels"], spec["max_pixels"]), spec["max_length"])
@@ -197,10 +197,10 @@ def add_lengths(spec: dict) -> list[int]:
 
 def packed_micro_batches(spec: dict) -> int:
     """The micro-batches of finetune.py's epoch with --recipe best, as its own batch plan forms them."""
-    from qwen_ft.batching import BatchPlan
-    from qwen_ft.checked_data import checked_samples
     from qwen_ft.collate import Collator
     from qwen_ft.config import parse_config
+    from qwen_ft.data.batching import BatchPlan
+    from qwen_ft.data.checked import checked_samples
     from qwen_ft.dist import single_device
     from qwen_ft.model import load_processor
 
@@ -256,7 +256,7 @@ def check_same_batches(spec: dict) -> int:
     from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
     from qwen_ft.collate import Collator
-    from qwen_ft.data import read_samples
+    from qwen_ft.data.read import read_samples
     from qwen_ft.model import load_processor
 
     ours = Collator(load_processor(spec["model"], spec["min_pixels"], spec["max_pixels"]), spec["max_length"])

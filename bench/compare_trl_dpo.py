@@ -126,8 +126,8 @@ def check_same_batches(spec: dict) -> int:
 
     from qwen_ft.collate import Collator
     from qwen_ft.config import parse_config
+    from qwen_ft.data.pairs import PairCollator, Pairs, read_pairs
     from qwen_ft.model import load_processor
-    from qwen_ft.pairs import PairCollator, Pairs, read_pairs
 
     pixels = spec["pixels"]
     ours = Collator(load_processor(spec["model"], pixels, pixels), spec["max_length"])

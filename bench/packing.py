@@ -27,8 +27,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # qwen_ft from this checkout, installed or not
 from qwen_ft.collate import Collator  # noqa: E402
-from qwen_ft.data import read_samples  # noqa: E402
-from qwen_ft.lengths import token_ids  # noqa: E402
+from qwen_ft.data.lengths import token_ids  # noqa: E402
+from qwen_ft.data.read import read_samples  # noqa: E402
 from qwen_ft.model import load_processor  # noqa: E402
 from qwen_ft.tiny import build  # noqa: E402
 

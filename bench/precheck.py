@@ -125,12 +125,12 @@ def first_step(repo: Path, model: Path, data: Path, out: Path, flags: list[str])
 
 
 def phases(model: Path, data: Path) -> dict:
-    """Seconds of each step of checked_samples (qwen_ft.checked_data), run in this process: where the start goes."""
+    """Seconds of each step of checked_samples (qwen_ft.data.checked), run in this process: where the start goes."""
     sys.path.insert(0, str(REPO))
     from qwen_ft.collate import Collator
-    from qwen_ft.data import read_samples
-    from qwen_ft.lengths import measure
-    from qwen_ft.media_check import check_media
+    from qwen_ft.data.lengths import measure
+    from qwen_ft.data.media_check import check_media
+    from qwen_ft.data.read import read_samples
     from qwen_ft.model import load_processor
 
     collator = Collator(load_processor(str(model)), 4096)

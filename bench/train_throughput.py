@@ -29,7 +29,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # qwen_ft from this checkout, installed or not
 from qwen_ft.collate import Collator  # noqa: E402
-from qwen_ft.data import read_samples  # noqa: E402
+from qwen_ft.data.read import read_samples  # noqa: E402
 from qwen_ft.model import load_processor  # noqa: E402
 from qwen_ft.tiny import FAMILIES, SIZES, build  # noqa: E402
 

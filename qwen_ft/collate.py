@@ -12,10 +12,10 @@ from transformers.video_utils import VideoMetadata
 
 from qwen_ft import grounding
 from qwen_ft.config import ConfigError
+from qwen_ft.data.media import MediaError, hide_pil_size_warning, load_image
+from qwen_ft.data.samples import Sample
 from qwen_ft.families import family_of_processor
-from qwen_ft.media import MediaError, hide_pil_size_warning, load_image
 from qwen_ft.packing import pack
-from qwen_ft.samples import Sample
 from qwen_ft.video import VideoError, VideoSettings, clip_metadata, load_video
 
 IGNORE_INDEX = -100  # label of positions that don't count in the loss (cross_entropy's ignore_index)

@@ -8,9 +8,9 @@ import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qwen_ft.data import DataError, parse_columns
-from qwen_ft.formats import FORMATS
-from qwen_ft.media_check import CHECKS
+from qwen_ft.data.formats import FORMATS
+from qwen_ft.data.media_check import CHECKS
+from qwen_ft.data.read import DataError, parse_columns
 from qwen_ft.trackers import TRACKERS
 from qwen_ft.video import VideoSettings
 

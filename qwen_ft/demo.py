@@ -14,8 +14,8 @@ import mimetypes
 import sys
 import threading
 
+from qwen_ft.data.media import MediaError
 from qwen_ft.generate import Answerer, add_model_options, load_answerer, user_message
-from qwen_ft.media import MediaError
 from qwen_ft.model import ModelUnavailable
 
 

@@ -20,13 +20,13 @@ import torch
 from qwen_ft import grounding
 from qwen_ft.collate import Collator
 from qwen_ft.config import Config
-from qwen_ft.data import DataError, parse_columns, read_samples
-from qwen_ft.formats import FORMATS
+from qwen_ft.data.formats import FORMATS
+from qwen_ft.data.media import MediaError, resolve
+from qwen_ft.data.media_check import check_media
+from qwen_ft.data.read import DataError, parse_columns, read_samples
+from qwen_ft.data.samples import Sample, Samples
 from qwen_ft.lora import load_with_adapter
-from qwen_ft.media import MediaError, resolve
-from qwen_ft.media_check import check_media
 from qwen_ft.model import ModelUnavailable, has_processor, load_model, load_processor
-from qwen_ft.samples import Sample, Samples
 
 
 def question_and_reference(sample: Sample, collator: Collator | None = None) -> tuple[list[dict], str | None]:

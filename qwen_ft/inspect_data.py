@@ -21,12 +21,12 @@ import numpy as np
 
 from qwen_ft.collate import IGNORE_INDEX, Collator
 from qwen_ft.config import Config, build_parser
-from qwen_ft.data import DataError, describe, read_samples
-from qwen_ft.lengths import fit, measure
-from qwen_ft.media import MediaError
-from qwen_ft.media_check import check_media
+from qwen_ft.data.lengths import fit, measure
+from qwen_ft.data.media import MediaError
+from qwen_ft.data.media_check import check_media
+from qwen_ft.data.pairs import PairCollator, read_pairs
+from qwen_ft.data.read import DataError, describe, read_samples
 from qwen_ft.model import ModelUnavailable, load_processor
-from qwen_ft.pairs import PairCollator, read_pairs
 
 
 def render(ids: list[int], labels: list[int], tokenizer, placeholder_ids: set[int]) -> str:

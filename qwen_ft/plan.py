@@ -42,8 +42,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from qwen_ft.batching import BatchPlan
 from qwen_ft.config import Config, ConfigError, build_parser
+from qwen_ft.data.batching import BatchPlan
 from qwen_ft.model import ModelUnavailable, cast_trainable, part_of, set_trainable
 from qwen_ft.optim import MIN_8BIT_SIZE, STATE_BLOCK
 
@@ -584,9 +584,9 @@ def main(argv: list[str] | None = None) -> None:
         cfg = Config(**args)
     except ValueError as e:
         parser.error(str(e))
-    from qwen_ft.checked_data import checked_samples
     from qwen_ft.collate import Collator
-    from qwen_ft.data import DataError
+    from qwen_ft.data.checked import checked_samples
+    from qwen_ft.data.read import DataError
     from qwen_ft.dist import Dist
     from qwen_ft.model import load_processor
     from qwen_ft.packing import rope_index_of

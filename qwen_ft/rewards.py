@@ -1,7 +1,7 @@
 """Reward functions for finetune_grpo.py: programs that score sampled answers, and --reward's list of them.
 
 A reward function takes the sampled answers (completions, as text), the reference answer of each (the
-last assistant turn of its sample) and the samples themselves (qwen_ft.samples.Sample: its messages,
+last assistant turn of its sample) and the samples themselves (qwen_ft.data.samples.Sample: its messages,
 file and index), and returns one float per completion:
 
     def short_and_right(completions: list[str], references: list[str], samples: list[Sample]) -> list[float]:
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qwen_ft import grounding
-from qwen_ft.samples import Sample
+from qwen_ft.data.samples import Sample
 
 RewardFunction = Callable[[list[str], list[str], list[Sample]], list[float]]
 

@@ -9,9 +9,9 @@ import torch
 
 from qwen_ft import grounding
 from qwen_ft.collate import Collator
-from qwen_ft.data import DataError, raise_if_any
-from qwen_ft.media import MediaError
-from qwen_ft.samples import Sample, Samples
+from qwen_ft.data.media import MediaError
+from qwen_ft.data.read import DataError, raise_if_any
+from qwen_ft.data.samples import Sample, Samples
 from qwen_ft.video import VideoError
 
 

@@ -24,7 +24,6 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from qwen_ft.batching import BatchPlan
 from qwen_ft.checkpoint import (
     best_checkpoint,
     check_resume_config,
@@ -37,7 +36,8 @@ from qwen_ft.checkpoint import (
     too_many_bad_steps,
 )
 from qwen_ft.config import ConfigError
-from qwen_ft.data import BadSample, DataError
+from qwen_ft.data.batching import BatchPlan
+from qwen_ft.data.read import BadSample, DataError
 from qwen_ft.dist import Dist
 from qwen_ft.lora import add_lora, quantization_config
 from qwen_ft.model import ModelUnavailable, cast_trainable, load_model, set_trainable, trainable_table

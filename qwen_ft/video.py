@@ -46,7 +46,7 @@ from qwen_vl_utils.vision_process import (
 from torchvision.transforms.v2.functional import InterpolationMode, resize
 from transformers.video_utils import VideoMetadata
 
-from qwen_ft.media import MediaError, check_file, check_pixels, load_image
+from qwen_ft.data.media import MediaError, check_file, check_pixels, load_image
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 # Float noise in sums of seconds (0.3 - 0.1 = 0.19999999999999998) must not move a count or a pick;

@@ -7,7 +7,7 @@ from helpers import picture, qa, write_json
 from torch.utils.data import DistributedSampler
 
 import finetune
-from qwen_ft.batching import BatchPlan
+from qwen_ft.data.batching import BatchPlan
 
 RANDOM = random.Random(0)
 LENGTHS = tuple(RANDOM.randint(20, 400) for _ in range(300))

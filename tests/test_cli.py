@@ -15,8 +15,8 @@ import finetune
 from qwen_ft import generate, inspect_data, merge
 from qwen_ft.collate import Collator
 from qwen_ft.config import Config, build_parser, parse_config
-from qwen_ft.data import read_samples
-from qwen_ft.media_check import check_media
+from qwen_ft.data.media_check import check_media
+from qwen_ft.data.read import read_samples
 from qwen_ft.model import load_processor
 from qwen_ft.tiny import FAMILIES
 

@@ -3,11 +3,11 @@ import pytest
 import torch
 from helpers import clip, picture, qa, reference_labels, video_qa, write_json
 
-from qwen_ft import lengths
 from qwen_ft.collate import IGNORE_INDEX, Collator, assistant_labels
-from qwen_ft.data import read_samples
-from qwen_ft.lengths import fit, measure, token_ids
-from qwen_ft.media_check import check_media
+from qwen_ft.data import lengths
+from qwen_ft.data.lengths import fit, measure, token_ids
+from qwen_ft.data.media_check import check_media
+from qwen_ft.data.read import read_samples
 from qwen_ft.tiny import FAMILIES
 
 CONVERSATIONS = [

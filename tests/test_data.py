@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from helpers import picture, qa, run_finetune, write_json
 
-from qwen_ft.data import TOO_DEEP, DataError, read_samples
-from qwen_ft.media_check import check_media
+from qwen_ft.data.media_check import check_media
+from qwen_ft.data.read import TOO_DEEP, DataError, read_samples
 
 
 def good(tmp_path) -> dict:
@@ -173,7 +173,7 @@ def test_json_nested_too_deeply_is_one_line_naming_the_file_and_line(tmp_path):
 
 
 def test_a_sample_over_the_size_limit_is_refused_before_it_is_copied(tmp_path, monkeypatch):
-    monkeypatch.setattr("qwen_ft.data.MAX_SAMPLE_CHARS", 2**20)  # 1 MiB here; 128 MiB in a run
+    monkeypatch.setattr("qwen_ft.data.read.MAX_SAMPLE_CHARS", 2**20)  # 1 MiB here; 128 MiB in a run
     answer = "x" * 16 * 2**20  # a 16 MiB answer
     jsonl = tmp_path / "data.jsonl"
     jsonl.write_text(json.dumps(qa(None, "Say hi", "hi")) + "\n" + json.dumps(qa(None, "Say hi", answer)) + "\n")

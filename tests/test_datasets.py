@@ -9,8 +9,8 @@ from helpers import inspected, picture, qa, run_finetune, write_json
 from PIL import Image
 
 import finetune
-from qwen_ft.data import read_samples
-from qwen_ft.media import load_image
+from qwen_ft.data.media import load_image
+from qwen_ft.data.read import read_samples
 
 QUESTIONS = [("a.png", "What colour is the shape?", "red"), ("b.png", "What shape is it?", "square")]
 

@@ -18,11 +18,11 @@ from helpers import inspected, picture, run_finetune, write_json
 import finetune_dpo
 from qwen_ft.collate import IGNORE_INDEX, Collator
 from qwen_ft.config import parse_config
+from qwen_ft.data.media_check import check_media
+from qwen_ft.data.pairs import PairCollator, Pairs, read_pairs
 from qwen_ft.dist import single_device
 from qwen_ft.lora import add_lora
-from qwen_ft.media_check import check_media
 from qwen_ft.model import load_model, set_trainable
-from qwen_ft.pairs import PairCollator, Pairs, read_pairs
 
 REPO = Path(__file__).resolve().parent.parent
 FROZEN = {"vision": True, "merger": False, "llm": False}

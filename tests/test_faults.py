@@ -22,11 +22,12 @@ from safetensors import SafetensorError
 from test_checkpoint import dataset, flags, kill_tree, launch, rows, wait_for_steps
 
 import finetune
-from qwen_ft import checkpoint, lengths, lock, training
+from qwen_ft import checkpoint, lock, training
 from qwen_ft.checkpoint import complete_checkpoints, find_checkpoint, save_checkpoint
 from qwen_ft.collate import Collator
 from qwen_ft.config import ConfigError, parse_config
-from qwen_ft.data import read_samples
+from qwen_ft.data import lengths
+from qwen_ft.data.read import read_samples
 from qwen_ft.dist import single_device
 from qwen_ft.stop import RunStopped
 

@@ -10,10 +10,10 @@ import time
 import pytest
 from helpers import picture, qa, write_json
 
-from qwen_ft import fetch
-from qwen_ft.data import DataError, read_samples
-from qwen_ft.media import MediaError, read_bytes
-from qwen_ft.media_check import check_media
+from qwen_ft.data import fetch
+from qwen_ft.data.media import MediaError, read_bytes
+from qwen_ft.data.media_check import check_media
+from qwen_ft.data.read import DataError, read_samples
 
 SERVER_GIVES_UP_S = 10  # no handler runs longer than this, whatever the client does
 

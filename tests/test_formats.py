@@ -3,7 +3,7 @@
 import pytest
 from helpers import clip, inspected, picture, run_finetune, write_json
 
-from qwen_ft.data import DataError, read_samples
+from qwen_ft.data.read import DataError, read_samples
 
 # Conversations written once, neutrally: turns of (role, items), an item a text or ("image" | "video", file).
 CONVERSATIONS = [

@@ -11,8 +11,8 @@ from qwen_vl_utils import smart_resize
 
 from qwen_ft import families, generate, grounding, inspect_data
 from qwen_ft.collate import Collator
-from qwen_ft.data import DataError, read_samples
-from qwen_ft.media_check import check_media
+from qwen_ft.data.media_check import check_media
+from qwen_ft.data.read import DataError, read_samples
 from qwen_ft.model import load_processor
 from qwen_ft.tiny import FAMILIES
 

@@ -19,7 +19,7 @@ from qwen_ft import lock
 from qwen_ft.checkpoint import complete_checkpoints
 from qwen_ft.collate import Collator
 from qwen_ft.config import parse_config
-from qwen_ft.data import read_samples
+from qwen_ft.data.read import read_samples
 from qwen_ft.dist import single_device
 from qwen_ft.model import load_model, load_processor
 from qwen_ft.rollout import PromptCollator, check_prompts, with_completions

@@ -5,8 +5,8 @@ from helpers import picture, qa, write_json
 
 from qwen_ft import inspect_data
 from qwen_ft.collate import IGNORE_INDEX, Collator
-from qwen_ft.data import read_samples
-from qwen_ft.media_check import check_media
+from qwen_ft.data.media_check import check_media
+from qwen_ft.data.read import read_samples
 from qwen_ft.model import load_processor
 
 # A 112x112 picture is 16 tokens in every family: 8x8 patches of 14 px (Qwen2) or, resized to 128x128, of 16 px

@@ -11,10 +11,10 @@ import finetune
 from qwen_ft import merge
 from qwen_ft.collate import Collator
 from qwen_ft.config import parse_config
-from qwen_ft.data import read_samples
+from qwen_ft.data.media_check import check_media
+from qwen_ft.data.read import read_samples
 from qwen_ft.dist import single_device
 from qwen_ft.lora import LLM_PROJECTIONS, add_lora, lora_target_modules
-from qwen_ft.media_check import check_media
 from qwen_ft.model import load_model, load_processor, part_of
 from qwen_ft.tiny import FAMILIES
 

@@ -7,9 +7,9 @@ from helpers import assert_same_step, collate, loop_step, picture, qa, write_jso
 
 import finetune
 from qwen_ft.collate import IGNORE_INDEX, Collator
-from qwen_ft.data import read_samples
+from qwen_ft.data.media_check import check_media
+from qwen_ft.data.read import read_samples
 from qwen_ft.lora import add_lora, quantization_config
-from qwen_ft.media_check import check_media
 from qwen_ft.model import load_model, load_processor, set_trainable
 from qwen_ft.tiny import FAMILIES
 

@@ -12,10 +12,10 @@ import pytest
 from helpers import picture, qa, video_qa, write_json
 from PIL import Image
 
-from qwen_ft import media
 from qwen_ft.collate import Collator
-from qwen_ft.data import DataError, read_samples
-from qwen_ft.media_check import check_media
+from qwen_ft.data import media
+from qwen_ft.data.media_check import check_media
+from qwen_ft.data.read import DataError, read_samples
 
 
 def check_error(data: str, full: bool = False, max_pixels: int | None = None) -> str:

@@ -15,9 +15,9 @@ import finetune
 from qwen_ft import optim, tiny
 from qwen_ft.collate import Collator
 from qwen_ft.config import parse_config
-from qwen_ft.data import read_samples
+from qwen_ft.data.media_check import check_media
+from qwen_ft.data.read import read_samples
 from qwen_ft.lora import add_lora, quantization_config
-from qwen_ft.media_check import check_media
 from qwen_ft.model import cast_trainable, load_model, one_tied_gradient, set_trainable
 from qwen_ft.plan import main as plan_main
 from qwen_ft.plan import plan_model, setup_of, vision_patches

@@ -9,9 +9,9 @@ from helpers import assert_same_step, clip, loop_step, picture, qa, video_qa, wr
 import finetune
 from qwen_ft.collate import Collator
 from qwen_ft.config import ConfigError
-from qwen_ft.data import read_samples
+from qwen_ft.data.media_check import check_media
+from qwen_ft.data.read import read_samples
 from qwen_ft.dist import single_device
-from qwen_ft.media_check import check_media
 from qwen_ft.model import load_model, load_processor, set_trainable
 from qwen_ft.packing import rope_index_of
 from qwen_ft.tiny import FAMILIES

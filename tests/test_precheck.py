@@ -9,11 +9,11 @@ from helpers import picture, qa, write_json
 from PIL import Image
 
 import finetune
-from qwen_ft import checked_data
 from qwen_ft.collate import Collator
 from qwen_ft.config import parse_config
-from qwen_ft.data import DataError, mix, read_samples
-from qwen_ft.data_index import FOLDER
+from qwen_ft.data import checked
+from qwen_ft.data.index import FOLDER
+from qwen_ft.data.read import DataError, mix, read_samples
 from qwen_ft.dist import single_device
 from qwen_ft.model import load_processor
 
@@ -101,7 +101,7 @@ def start(tiny_model, data, out, *flags):
     """What a run's start finds about its data: the samples checked_samples gives."""
     cfg = parse_config(["--model", tiny_model, "--data", data, "--output-dir", str(out), *flags])
     collator = Collator(load_processor(tiny_model, cfg.min_pixels, cfg.max_pixels), cfg.max_length, cfg.video())
-    return checked_data.checked_samples(cfg.data, cfg, collator, single_device())
+    return checked.checked_samples(cfg.data, cfg, collator, single_device())
 
 
 def found(samples) -> list:
@@ -142,7 +142,7 @@ def test_an_index_that_cant_be_written_is_a_warning(tmp_path, tiny_model, monkey
     picture(tmp_path, "a.png")
     data = write_json(tmp_path / "data.json", [qa("a.png", "Colour?", "red")])
     (tmp_path / "a-file").write_text("")
-    monkeypatch.setattr(checked_data, "index_folder", lambda output_dir: tmp_path / "a-file" / FOLDER)
+    monkeypatch.setattr(checked, "index_folder", lambda output_dir: tmp_path / "a-file" / FOLDER)
     assert len(start(tiny_model, data, tmp_path / "out")) == 1
     assert "warning: the data index was not saved" in capsys.readouterr().err
 

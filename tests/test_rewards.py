@@ -1,9 +1,9 @@
 import pytest
 
 from qwen_ft.collate import Collator
+from qwen_ft.data.samples import Sample
 from qwen_ft.rewards import RewardError, measures_boxes, parse_rewards, score
 from qwen_ft.rollout import prompt_and_reference
-from qwen_ft.samples import Sample
 
 
 def samples(count: int) -> list[Sample]:

@@ -11,9 +11,9 @@ import finetune
 from qwen_ft import training
 from qwen_ft.collate import IGNORE_INDEX, Collator
 from qwen_ft.config import parse_config
-from qwen_ft.data import read_samples
+from qwen_ft.data.media_check import check_media
+from qwen_ft.data.read import read_samples
 from qwen_ft.dist import single_device
-from qwen_ft.media_check import check_media
 from qwen_ft.model import cast_trainable, load_model, load_processor
 from qwen_ft.tiny import FAMILIES
 

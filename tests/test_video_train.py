@@ -12,10 +12,10 @@ import finetune
 from qwen_ft import generate, inspect_data
 from qwen_ft.collate import Collator
 from qwen_ft.config import Config, parse_config
-from qwen_ft.data import read_samples
+from qwen_ft.data.lengths import measure, token_ids
+from qwen_ft.data.media_check import check_media
+from qwen_ft.data.read import read_samples
 from qwen_ft.dist import single_device
-from qwen_ft.lengths import measure, token_ids
-from qwen_ft.media_check import check_media
 from qwen_ft.model import load_processor
 from qwen_ft.tiny import FAMILIES
 from qwen_ft.video import VideoSettings

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from qwen_ft.collate import IGNORE_INDEX, Collator, assistant_labels
-from qwen_ft.samples import Sample, Samples
+from qwen_ft.data.samples import Sample, Samples
 from qwen_ft.stop import die_with_parent, ignore_signals, signals_deferred
 from qwen_ft.video import VideoPlan, clip_metadata
 

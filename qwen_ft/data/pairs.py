@@ -24,12 +24,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from qwen_ft.checked_data import check_and_measure
 from qwen_ft.collate import IGNORE_INDEX, Collator
-from qwen_ft.data import PAIR_KEYS, DataError, describe, mix, raise_if_any, read_samples
-from qwen_ft.formats import ROLE_NAMES
-from qwen_ft.media import MediaError
-from qwen_ft.samples import Sample, Samples
+from qwen_ft.data.checked import check_and_measure
+from qwen_ft.data.formats import ROLE_NAMES
+from qwen_ft.data.media import MediaError
+from qwen_ft.data.read import PAIR_KEYS, DataError, describe, mix, raise_if_any, read_samples
+from qwen_ft.data.samples import Sample, Samples
 from qwen_ft.video import VideoError
 
 SIDES = ("chosen", "rejected")

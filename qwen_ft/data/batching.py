@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DistributedSampler
 
-from qwen_ft.data import raise_if_any
-from qwen_ft.samples import Samples
+from qwen_ft.data.read import raise_if_any
+from qwen_ft.data.samples import Samples
 
 # Samples are sorted by length within windows of this many micro-batches: neighbours in a window
 # have similar lengths (little padding), while the order stays random across windows.

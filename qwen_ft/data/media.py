@@ -19,7 +19,7 @@ from pathlib import Path
 from PIL import ExifTags, Image, ImageOps
 from qwen_vl_utils.vision_process import to_rgb
 
-from qwen_ft.fetch import MAX_BYTES, FetchError, fetch
+from qwen_ft.data.fetch import MAX_BYTES, FetchError, fetch
 
 DATASET_PREFIX = "dataset:"  # an image inside a dataset's table: hf_datasets.py writes and reads these
 NOT_AN_IMAGE = "is not an image PIL can read (another kind of file, or a broken header)"
@@ -108,7 +108,7 @@ def read_bytes(ref: str) -> bytes:
     """The raw bytes behind a resolved reference; URLs are fetched within a deadline, and a URL's body and a
     local file are at most MAX_BYTES."""
     if ref.startswith(DATASET_PREFIX):
-        from qwen_ft.hf_datasets import cell_bytes  # which imports this module
+        from qwen_ft.data.hf_datasets import cell_bytes  # which imports this module
 
         return cell_bytes(ref)
     if ref.startswith("data:"):

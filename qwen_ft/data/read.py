@@ -17,10 +17,19 @@ from pathlib import Path
 
 import numpy as np
 
-from qwen_ft import grounding, hf_datasets
-from qwen_ft.formats import AUDIO_PARTS, AUDIO_PLACEHOLDER, CONTENT_KEYS, FORMATS, NO_AUDIO, formats_of, to_messages
-from qwen_ft.media import MediaError, is_url, resolve, shorten
-from qwen_ft.samples import SampleBuilder, Samples, Source, where
+from qwen_ft import grounding
+from qwen_ft.data import hf_datasets
+from qwen_ft.data.formats import (
+    AUDIO_PARTS,
+    AUDIO_PLACEHOLDER,
+    CONTENT_KEYS,
+    FORMATS,
+    NO_AUDIO,
+    formats_of,
+    to_messages,
+)
+from qwen_ft.data.media import MediaError, is_url, resolve, shorten
+from qwen_ft.data.samples import SampleBuilder, Samples, Source, where
 
 ROLES = ("system", "user", "assistant")
 MEDIA_TYPES = ("image", "video")

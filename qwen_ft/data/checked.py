@@ -6,12 +6,12 @@ after minutes of loading weights; its token counts then plan the micro-batches (
 
 from qwen_ft.collate import Collator
 from qwen_ft.config import Config
-from qwen_ft.data import DataError, describe, mix, read_samples
-from qwen_ft.data_index import index_folder, index_settings, load_index, save_index
+from qwen_ft.data.index import index_folder, index_settings, load_index, save_index
+from qwen_ft.data.lengths import fit, measure
+from qwen_ft.data.media_check import check_media
+from qwen_ft.data.read import DataError, describe, mix, read_samples
+from qwen_ft.data.samples import Samples
 from qwen_ft.dist import Dist
-from qwen_ft.lengths import fit, measure
-from qwen_ft.media_check import check_media
-from qwen_ft.samples import Samples
 
 
 def checked_samples(spec: str, cfg: Config, collator: Collator, dist: Dist) -> Samples:

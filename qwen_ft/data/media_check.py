@@ -14,11 +14,11 @@ import json
 
 import numpy as np
 
-from qwen_ft import fetch
-from qwen_ft.data import raise_if_any
+from qwen_ft.data import fetch
+from qwen_ft.data.media import MediaError, hide_pil_size_warning, image_header, load_image
+from qwen_ft.data.read import raise_if_any
+from qwen_ft.data.samples import Samples
 from qwen_ft.grounding import problems as box_problems
-from qwen_ft.media import MediaError, hide_pil_size_warning, image_header, load_image
-from qwen_ft.samples import Samples
 from qwen_ft.video import VideoSettings, plan_video
 
 CHECKS = ("header", "full")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qwen_ft.samples import Samples, Source
+from qwen_ft.data.samples import Samples, Source
 from qwen_ft.video import VideoPlan
 
 FOLDER = ".qwen-ft-data-index"

@@ -12,8 +12,8 @@ import urllib.parse
 from functools import lru_cache
 from pathlib import Path
 
-from qwen_ft.media import DATASET_PREFIX as PREFIX
-from qwen_ft.media import MediaError
+from qwen_ft.data.media import DATASET_PREFIX as PREFIX
+from qwen_ft.data.media import MediaError
 
 ROWS_PER_READ = 1000
 SHARD_SUFFIXES = (".parquet", ".arrow")
