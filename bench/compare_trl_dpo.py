@@ -134,7 +134,9 @@ def check_same_batches(spec: dict) -> int:
     config = parse_config(["--data", spec["finetune_data"], "--media-root", spec["work_dir"]])
     sides = read_pairs(spec["finetune_data"], config, ours.tokens.all_strings)
     pairs = Pairs(sides, np.arange(len(sides) // 2))
-    theirs = DataCollatorForVisionPreference(load_trl_processor(spec["model"], pixels), max_length=spec["max_length"])
+    theirs = DataCollatorForVisionPreference(
+        load_trl_processor(spec["model"], pixels, pixels), max_length=spec["max_length"]
+    )
     if not spec["trl_stock_labels"]:
         theirs = AlignedCompletion(theirs, ours.tokens.im_end)
     dataset, size = trl_dataset(spec["trl_data"]), spec["batch_size"]
@@ -205,7 +207,7 @@ def child_trl(spec: dict) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = True
     precision = spec["precision"]
     probe = Probe()
-    processor = load_trl_processor(spec["model"], spec["pixels"])
+    processor = load_trl_processor(spec["model"], spec["pixels"], spec["pixels"])
     model = AutoModelForImageTextToText.from_pretrained(
         spec["model"],
         dtype=torch.float32 if precision == "fp32" else torch.bfloat16,
