@@ -15,7 +15,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -23,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as torch_dist
 import torch.nn.functional as F
 from peft import PeftModel
 from torch.utils.checkpoint import checkpoint
@@ -35,7 +33,7 @@ from qwen_ft.config import Config, option, parse_config
 from qwen_ft.data.index import files_of, index_folder, index_settings
 from qwen_ft.data.pairs import PairCollator, Pairs, check_pair_budget, checked_pairs
 from qwen_ft.data.samples import Source
-from qwen_ft.dist import Dist, init_distributed, single_device
+from qwen_ft.dist import Dist
 from qwen_ft.model import load_processor
 from qwen_ft.run import guarded_run
 from qwen_ft.stop import StopSignal, out_of_memory
@@ -48,12 +46,12 @@ from qwen_ft.training import (
     data_workers,
     eval_batches,
     frozen_copy,
-    launch,
     micro_batches,
     next_window,
     optimizer_and_schedule,
     restore,
     resume_point,
+    run_alone_or_under_torchrun,
     save_final,
     seed_everything,
     step_numbers,
@@ -352,15 +350,7 @@ def fine_tune(cfg: DPOConfig, dist: Dist, stop: StopSignal):
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(argv, description=__doc__.splitlines()[0], config=DPOConfig)
-    distributed = "RANK" in os.environ  # started by torchrun: one process per GPU (or CPU process)
-    if cfg.fsdp and not distributed:
-        sys.exit("error: --fsdp shards the model over several processes: run finetune_dpo.py with torchrun")
-    dist = init_distributed(fsdp=cfg.fsdp) if distributed else single_device()
-    try:
-        launch(train, cfg, dist, distributed)
-    finally:
-        if distributed:
-            torch_dist.destroy_process_group()
+    run_alone_or_under_torchrun(train, cfg, "finetune_dpo.py")
 
 
 if __name__ == "__main__":

@@ -14,15 +14,12 @@ it with the output folder locked and signals handled (qwen_ft/run.py), as finetu
 import dataclasses
 import json
 import math
-import os
-import sys
 import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
-import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
@@ -33,7 +30,7 @@ from qwen_ft.checkpoint import (
 from qwen_ft.collate import Collator
 from qwen_ft.config import Config, ConfigError, option, parse_config
 from qwen_ft.data.checked import checked_samples
-from qwen_ft.dist import Dist, init_distributed, single_device
+from qwen_ft.dist import Dist
 from qwen_ft.generate import generate_answers
 from qwen_ft.model import load_processor
 from qwen_ft.packing import real_tokens
@@ -49,12 +46,12 @@ from qwen_ft.training import (
     compute_dtype,
     data_workers,
     frozen_copy,
-    launch,
     micro_batches,
     next_window,
     optimizer_and_schedule,
     restore,
     resume_point,
+    run_alone_or_under_torchrun,
     save_final,
     seed_everything,
     trainable_model,
@@ -461,16 +458,8 @@ def grpo(cfg: GRPOConfig, dist: Dist, stop: StopSignal):
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(argv, description=__doc__.splitlines()[0], config=GRPOConfig)
-    distributed = "RANK" in os.environ  # started by torchrun: one process per GPU (or CPU process)
-    if cfg.fsdp and not distributed:
-        sys.exit("error: --fsdp shards the model over several processes: run finetune_grpo.py with torchrun")
-    dist = init_distributed(fsdp=cfg.fsdp) if distributed else single_device()
-    try:
-        # A reward function's failure is met on one rank's answers: that rank says it.
-        launch(train, cfg, dist, distributed, own_errors=(RewardError,))
-    finally:
-        if distributed:
-            torch_dist.destroy_process_group()
+    # A reward function's failure is met on one rank's answers: that rank says it.
+    run_alone_or_under_torchrun(train, cfg, "finetune_grpo.py", own_errors=(RewardError,))
 
 
 if __name__ == "__main__":

@@ -217,6 +217,10 @@ class Config:
             total_pixels=self.video_total_pixels,
         )
 
+    def frozen(self) -> dict[str, bool]:
+        """Which parts --freeze-vision, --freeze-merger and --freeze-llm keep as loaded."""
+        return {"vision": self.freeze_vision, "merger": self.freeze_merger, "llm": self.freeze_llm}
+
     def reading(self) -> dict:
         """read_samples' keywords for this run's data and eval data."""
         data_format = None if self.data_format == "auto" else self.data_format

@@ -10,7 +10,7 @@ from transformers import BitsAndBytesConfig
 
 from qwen_ft.config import ConfigError
 from qwen_ft.families import LLM_PROJECTIONS, MERGERS
-from qwen_ft.model import load_model, part_of
+from qwen_ft.model import cast_trainable, load_model, part_of, set_trainable
 
 # On import, bitsandbytes' CPU backend tries to fetch an optional 4-bit kernel from the hub (with the
 # `kernels` package) and logs a warning when it can't; its built-in kernel then runs, so the warning
@@ -107,3 +107,16 @@ def load_with_adapter(base: str, adapter: str, precision: str, device: torch.dev
     model = load_model(base, precision, "sdpa", device)
     with peft_quietly():
         return PeftModel.from_pretrained(model, adapter)
+
+
+def as_trained(model, cfg):
+    """The model with what cfg trains: LoRA adapters (whose peft wrapper trains them and the parts not frozen), or
+    the parts not frozen, in full; under bf16-mixed what trains gets fp32 master weights. A run, and the memory
+    plan's model on the meta device, both set up this way."""
+    if cfg.lora:
+        model = add_lora(model, cfg.frozen(), cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.dora)
+    else:
+        set_trainable(model, cfg.frozen())
+    if cfg.precision == "bf16-mixed":
+        cast_trainable(model, torch.float32)
+    return model

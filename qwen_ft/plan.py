@@ -44,7 +44,7 @@ import torch
 
 from qwen_ft.config import Config, ConfigError, build_parser
 from qwen_ft.data.batching import BatchPlan
-from qwen_ft.model import ModelUnavailable, cast_trainable, part_of, set_trainable
+from qwen_ft.model import ModelUnavailable, part_of
 from qwen_ft.optim import MIN_8BIT_SIZE, STATE_BLOCK
 
 GIB = 2**30
@@ -89,7 +89,7 @@ def plan_model(cfg: Config):
     from transformers import AutoConfig, AutoModelForImageTextToText
     from transformers.integrations.bitsandbytes import replace_with_bnb_linear
 
-    from qwen_ft.lora import add_lora, quantization_config
+    from qwen_ft.lora import as_trained, quantization_config
 
     try:
         config = AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
@@ -102,18 +102,11 @@ def plan_model(cfg: Config):
         model = AutoModelForImageTextToText.from_config(
             config, dtype=dtype, attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code
         )
-    frozen = {"vision": cfg.freeze_vision, "merger": cfg.freeze_merger, "llm": cfg.freeze_llm}
     if cfg.qlora:  # the layers transformers would load in 4 bits, as bitsandbytes' modules (unquantized on meta)
-        quantization = quantization_config(frozen)
+        quantization = quantization_config(cfg.frozen())
         model = replace_with_bnb_linear(model, quantization.llm_int8_skip_modules, quantization)
         model.is_loaded_in_4bit = True
-    if cfg.lora:
-        model = add_lora(model, frozen, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.dora)
-    else:
-        set_trainable(model, frozen)
-    if cfg.precision == "bf16-mixed":
-        cast_trainable(model, torch.float32)
-    return model
+    return as_trained(model, cfg)
 
 
 def four_bit_bytes(values: int) -> int:

@@ -13,6 +13,7 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as torch_dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -38,9 +40,9 @@ from qwen_ft.checkpoint import (
 from qwen_ft.config import ConfigError
 from qwen_ft.data.batching import BatchPlan
 from qwen_ft.data.read import BadSample, DataError
-from qwen_ft.dist import Dist
-from qwen_ft.lora import add_lora, quantization_config
-from qwen_ft.model import ModelUnavailable, cast_trainable, load_model, set_trainable, trainable_table
+from qwen_ft.dist import Dist, init_distributed, single_device
+from qwen_ft.lora import as_trained, quantization_config
+from qwen_ft.model import ModelUnavailable, load_model, trainable_table
 from qwen_ft.optim import check_optimizer, make_optimizer, make_scheduler
 from qwen_ft.packing import real_tokens
 from qwen_ft.report import run_summary, write_report
@@ -73,8 +75,7 @@ def trainable_model(cfg, dist: Dist):
     """The model as it trains, before DDP or FSDP wraps it: loaded in bf16 (4-bit for QLoRA) unless --precision
     fp32, with frozen parts, or LoRA adapters (whose wrapper trains only them and the parts not frozen); under
     bf16-mixed what trains gets fp32 master weights. Prints the table of what trains."""
-    frozen = {"vision": cfg.freeze_vision, "merger": cfg.freeze_merger, "llm": cfg.freeze_llm}
-    quantization = quantization_config(frozen) if cfg.qlora else None
+    quantization = quantization_config(cfg.frozen()) if cfg.qlora else None
     model = load_model(
         cfg.model, cfg.precision, cfg.attn_implementation, dist.load_device, quantization, cfg.trust_remote_code
     )
@@ -82,12 +83,7 @@ def trainable_model(cfg, dist: Dist):
         # Non-reentrant checkpointing needs no inputs that require grad, so it also works when the
         # embeddings are frozen (LoRA, QLoRA).
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.lora:
-        model = add_lora(model, frozen, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.dora)
-    else:
-        set_trainable(model, frozen)
-    if cfg.precision == "bf16-mixed":
-        cast_trainable(model, torch.float32)
+    model = as_trained(model, cfg)
     dist.print(trainable_table(model))
     return model
 
@@ -345,3 +341,17 @@ def launch(train, cfg, dist: Dist, distributed: bool, own_errors: tuple = ()) ->
         if dist.is_main:
             print(f"\n{e or 'interrupted'}", file=sys.stderr, flush=True)
         sys.exit(getattr(e, "exit_code", 130))
+
+
+def run_alone_or_under_torchrun(train, cfg, script: str, own_errors: tuple = ()) -> None:
+    """main() of a loop file that runs alone or in every process of a torchrun job (`torchrun SCRIPT`): the set-up
+    is the only difference, a process group and DDP, or FSDP2 with --fsdp."""
+    distributed = "RANK" in os.environ  # started by torchrun: one process per GPU (or CPU process)
+    if cfg.fsdp and not distributed:
+        sys.exit(f"error: --fsdp shards the model over several processes: run {script} with torchrun")
+    dist = init_distributed(fsdp=cfg.fsdp) if distributed else single_device()
+    try:
+        launch(train, cfg, dist, distributed, own_errors)
+    finally:
+        if distributed:
+            torch_dist.destroy_process_group()

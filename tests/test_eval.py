@@ -94,8 +94,7 @@ def test_evaluation_runs_without_dropout_and_leaves_the_model_training(tmp_path,
     samples = read_samples(data)
     check_media(samples)
     model = load_model(tiny_model, "fp32", "sdpa", torch.device("cpu"))
-    frozen = {"vision": cfg.freeze_vision, "merger": cfg.freeze_merger, "llm": cfg.freeze_llm}
-    model = add_lora(model, frozen, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.dora)
+    model = add_lora(model, cfg.frozen(), cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.dora)
     torch.manual_seed(0)
     for name, param in model.named_parameters():  # adapters as training leaves them: B = 0 would hide the dropout
         if "lora_B" in name:

@@ -17,8 +17,8 @@ from qwen_ft.collate import Collator
 from qwen_ft.config import parse_config
 from qwen_ft.data.media_check import check_media
 from qwen_ft.data.read import read_samples
-from qwen_ft.lora import add_lora, quantization_config
-from qwen_ft.model import cast_trainable, load_model, one_tied_gradient, set_trainable
+from qwen_ft.lora import as_trained, quantization_config
+from qwen_ft.model import load_model, one_tied_gradient, set_trainable
 from qwen_ft.plan import main as plan_main
 from qwen_ft.plan import plan_model, setup_of, vision_patches
 from qwen_ft.tiny import FAMILIES
@@ -103,16 +103,8 @@ def stored_bytes(tensors) -> int:
 
 def set_up(cfg):
     """The model as finetune.py sets it up for cfg, loaded."""
-    frozen = {"vision": cfg.freeze_vision, "merger": cfg.freeze_merger, "llm": cfg.freeze_llm}
-    quantization = quantization_config(frozen) if cfg.qlora else None
-    model = load_model(cfg.model, cfg.precision, "sdpa", torch.device("cpu"), quantization)
-    if cfg.lora:
-        model = add_lora(model, frozen, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.dora)
-    else:
-        set_trainable(model, frozen)
-    if cfg.precision == "bf16-mixed":
-        cast_trainable(model, torch.float32)
-    return model
+    quantization = quantization_config(cfg.frozen()) if cfg.qlora else None
+    return as_trained(load_model(cfg.model, cfg.precision, "sdpa", torch.device("cpu"), quantization), cfg)
 
 
 @pytest.mark.parametrize(
