@@ -72,7 +72,7 @@ class GRPOConfig(Config):
     top_p: float = option(1.0, "sample from the most likely tokens that together hold this probability (1: all)")
     reward: str = option(
         "exact",
-        "comma list of NAME[:WEIGHT]: exact, contains, numeric, format, or a function of your own as "
+        "comma list of NAME[:WEIGHT]: exact, contains, numeric, format, iou (boxes), or a function of your own as "
         "path/to/file.py:function or package.module:function; an answer's reward is the weighted sum",
     )
     format_regex: str | None = option(None, "the regular expression a whole answer must match for --reward format")
